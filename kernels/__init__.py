@@ -1,0 +1,1 @@
+"""Triton kernels of pjd, installed as ``pjd.kernels``. Import them through ``pjd.ops``."""

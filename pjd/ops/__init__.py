@@ -1,0 +1,8 @@
+"""pjd.ops: the backend other decoding libraries call.
+
+Every op has a pure-torch reference (the specification), a Triton (or C++/CUDA) implementation,
+and a ``backend="auto" | "torch" | "triton"`` switch. Ops are registered with ``torch.library``.
+"""
+from .draft_attention import draft_attention, draft_attention_reference, visibility_mask
+
+__all__ = ["draft_attention", "draft_attention_reference", "visibility_mask"]

@@ -1,0 +1,99 @@
+"""Row-causal draft attention: the attention of one pjd decoding step.
+
+Visibility rule (DESIGN.md §3): key j is visible to query i iff
+    k_group[j] != -2  and  k_pos[j] <= q_pos[i]  and  (k_group[j] == -1 or k_group[j] == q_group[i])
+Group -1 = committed, -2 = never visible (padding, empty slot, masked prompt), g >= 0 = draft of row g.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._backend import check_int32, resolve_backend
+
+COMMITTED = -1
+HIDDEN = -2
+
+
+def visibility_mask(q_pos, q_group, k_pos, k_group) -> torch.Tensor:
+    """Dense boolean mask [B, Nq, Nk] of the visibility rule (reference and tests only)."""
+    kg = k_group[:, None, :]
+    return (kg != HIDDEN) & (k_pos[:, None, :] <= q_pos[:, :, None]) & (
+        (kg == COMMITTED) | (kg == q_group[:, :, None])
+    )
+
+
+def draft_attention_reference(q, k, v, q_pos, q_group, k_pos, k_group, scale: float) -> torch.Tensor:
+    """Pure-torch specification: dense scores in fp32, masked softmax, zeros for rows that see nothing."""
+    group_size = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group_size, dim=1).float()
+    v = v.repeat_interleave(group_size, dim=1).float()
+    scores = torch.matmul(q.float(), k.transpose(-1, -2)) * scale
+    visible = visibility_mask(q_pos, q_group, k_pos, k_group)[:, None]
+    scores = scores.masked_fill(~visible, float("-inf"))
+    # A row that sees nothing is all -inf; softmax would give NaN. Give it zeros instead.
+    sees_any = visible.any(dim=-1, keepdim=True)
+    probs = torch.softmax(scores.masked_fill(~sees_any, 0.0), dim=-1) * sees_any
+    return torch.matmul(probs, v).to(q.dtype)
+
+
+@torch.library.custom_op("pjd::draft_attention", mutates_args=())
+def _draft_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    q_pos: torch.Tensor, q_group: torch.Tensor, k_pos: torch.Tensor, k_group: torch.Tensor,
+    scale: float, backend: str,
+) -> torch.Tensor:
+    if backend == "triton":
+        from pjd.kernels.draft_attention import draft_attention_triton
+
+        return draft_attention_triton(q, k, v, q_pos, q_group, k_pos, k_group, scale)
+    return draft_attention_reference(q, k, v, q_pos, q_group, k_pos, k_group, scale)
+
+
+@_draft_attention_op.register_fake
+def _(q, k, v, q_pos, q_group, k_pos, k_group, scale, backend):
+    return torch.empty_like(q)
+
+
+def draft_attention(q, k, v, q_pos, q_group, k_pos, k_group, *, scale=None, backend="auto"):
+    """Attention of draft queries over a KV cache under the row-causal visibility rule.
+
+    Args:
+        q: ``[B, Hq, Nq, D]`` fp16 / bf16 / fp32 queries.
+        k, v: ``[B, Hkv, Nk, D]`` keys and values, same dtype and device as q; ``Hq % Hkv == 0``
+            (grouped-query attention: query head h reads kv head ``h // (Hq // Hkv)``).
+        q_pos, q_group: int32 ``[B, Nq]`` raster position and row group of each query.
+        k_pos, k_group: int32 ``[B, Nk]`` raster position and state of each key:
+            -1 committed, -2 never visible, g >= 0 draft of row g.
+        scale: softmax scale, default ``D ** -0.5``.
+        backend: "auto" (triton on CUDA, torch elsewhere), "torch" or "triton".
+
+    Returns:
+        ``[B, Hq, Nq, D]`` in q's dtype. A query that sees no key gets zeros.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, H, N, D], got shape {list(t.shape)}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
+    B, Hq, Nq, D = q.shape
+    Bk, Hkv, Nk, Dk = k.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {list(k.shape)} and {list(v.shape)}")
+    if Bk != B or Dk != D:
+        raise ValueError(f"k must be [B={B}, Hkv, Nk, D={D}], got {list(k.shape)}")
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, expected {q.device} (same device as q)")
+    check_int32("q_pos", q_pos, (B, Nq), q.device)
+    check_int32("q_group", q_group, (B, Nq), q.device)
+    check_int32("k_pos", k_pos, (B, Nk), q.device)
+    check_int32("k_group", k_group, (B, Nk), q.device)
+    scale = float(D ** -0.5 if scale is None else scale)
+    backend = resolve_backend(backend, q.device)
+    return _draft_attention_op(q, k, v, q_pos, q_group, k_pos, k_group, scale, backend)
