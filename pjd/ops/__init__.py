@@ -4,5 +4,9 @@ Every op has a pure-torch reference (the specification), a Triton (or C++/CUDA) 
 and a ``backend="auto" | "torch" | "triton"`` switch. Ops are registered with ``torch.library``.
 """
 from .draft_attention import draft_attention, draft_attention_reference, visibility_mask
+from .speculative_verify import PREFIX, TOP, VerifyResult, speculative_verify, speculative_verify_reference
 
-__all__ = ["draft_attention", "draft_attention_reference", "visibility_mask"]
+__all__ = [
+    "draft_attention", "draft_attention_reference", "visibility_mask",
+    "speculative_verify", "speculative_verify_reference", "VerifyResult", "TOP", "PREFIX",
+]

@@ -1,0 +1,128 @@
+"""KV caches for pjd decoding: two layouts with the same results (DESIGN.md §2).
+
+Both keep, per key, its raster position and its state (``k_group``: -1 committed, -2 hidden,
+g >= 0 draft of lane g), which is exactly what ``pjd.ops.draft_attention`` reads. A step is
+``begin(step)`` -> one ``update`` per layer (called from the attention hook) -> ``end(keep)``.
+
+- SlotCache (default): preallocated, indexed by raster position. Each input writes its own slot;
+  committing is a metadata flip and a rejected draft's slot is just marked hidden. Scratch slots
+  come first: one per lane for scaffold keys, then one shared "discard" slot for inputs whose key
+  must not be kept (padding, a re-fed token whose key is already cached).
+- AppendCache: K/V of each step's inputs are appended at the tail (Hugging Face DynamicCache
+  style); after verification rejected entries are removed and kept ones moved together with
+  ``pjd.ops.compact_kv`` (all layers in one call).
+"""
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass
+
+import torch
+
+HIDDEN_POS = torch.iinfo(torch.int32).max
+
+
+@dataclass
+class StepInputs:
+    """Row-causal metadata of one forward pass over N packed inputs (all int tensors [Bx, N])."""
+
+    q_pos: torch.Tensor        # int32: raster position of each query (-1: padding, sees nothing)
+    q_group: torch.Tensor      # int32: lane of each query
+    key_pos: torch.Tensor      # int32: raster position the input's key gets
+    key_group: torch.Tensor    # int32: state the input's key has during this step
+    slot: torch.Tensor         # int64: SlotCache index the input writes (scratch or L+1+raster)
+    kv_len: int                # SlotCache: keys [0, kv_len) cover every slot a query can see
+
+
+class SlotCache:
+    def __init__(self, batch: int, num_positions: int, num_lanes: int, device: torch.device):
+        self.num_scratch = num_lanes + 1
+        size = self.num_scratch + num_positions
+        self.pos = torch.full((batch, size), HIDDEN_POS, dtype=torch.int32, device=device)
+        self.pos[:, self.num_scratch:] = torch.arange(num_positions, dtype=torch.int32, device=device)
+        self.group = torch.full((batch, size), -2, dtype=torch.int32, device=device)
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+        self._step: StepInputs | None = None
+
+    def begin(self, step: StepInputs) -> None:
+        self._step = step
+        self.pos.scatter_(1, step.slot, step.key_pos)
+        self.group.scatter_(1, step.slot, step.key_group)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        step = self._step
+        if layer not in self.k:
+            shape = (k.shape[0], k.shape[1], self.pos.shape[1], k.shape[3])
+            self.k[layer] = k.new_zeros(shape)
+            self.v[layer] = v.new_zeros(shape)
+        index = step.slot[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+        self.k[layer].scatter_(2, index, k)
+        self.v[layer].scatter_(2, index, v)
+        n = step.kv_len
+        return self.k[layer][:, :, :n], self.v[layer][:, :, :n], self.pos[:, :n], self.group[:, :n]
+
+    def end(self, keep: torch.Tensor) -> None:
+        """keep [Bx, N]: the inputs whose key stays as committed; the others become hidden."""
+        state = torch.where(keep, -1, -2).to(torch.int32)
+        self.group.scatter_(1, self._step.slot, state)
+        self._step = None
+
+
+class AppendCache:
+    def __init__(self, batch: int, capacity: int, device: torch.device):
+        self.pos = torch.full((batch, capacity), HIDDEN_POS, dtype=torch.int32, device=device)
+        self.group = torch.full((batch, capacity), -2, dtype=torch.int32, device=device)
+        self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)
+        self.tail = 0  # host copy of lengths.max(): where this step's entries are appended
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+        self._n = 0
+
+    def begin(self, step: StepInputs) -> None:
+        self._n = n = step.q_pos.shape[1]
+        self.pos[:, self.tail:self.tail + n] = step.key_pos
+        self.group[:, self.tail:self.tail + n] = step.key_group
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        if layer not in self.k:
+            shape = (k.shape[0], k.shape[1], self.pos.shape[1], k.shape[3])
+            self.k[layer] = k.new_zeros(shape)
+            self.v[layer] = v.new_zeros(shape)
+        end = self.tail + self._n
+        self.k[layer][:, :, self.tail:end] = k
+        self.v[layer][:, :, self.tail:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end], self.pos[:, :end], self.group[:, :end]
+
+    def end(self, keep: torch.Tensor) -> None:
+        from pjd.ops import compact_kv
+
+        end = self.tail + self._n
+        self.group[:, self.tail:end] = torch.where(keep, -1, -2).to(torch.int32)
+        caches = [t for layer in sorted(self.k) for t in (self.k[layer], self.v[layer])]
+        self.lengths = compact_kv(caches, keep, self.tail, self.lengths, meta=[self.pos, self.group])
+        # Whatever lies past a sample's new length is stale: hide it.
+        past_end = torch.arange(self.pos.shape[1], device=keep.device) >= self.lengths[:, None]
+        self.group.masked_fill_(past_end, -2)
+        self.tail = int(self.lengths.max())
+
+
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("pjd_active_step", default=None)
+
+
+class ActiveStep:
+    """What the "pjd" attention hook needs during a decoding forward: the cache and the queries."""
+
+    def __init__(self, cache, step: StepInputs, backend: str):
+        self.cache, self.step, self.backend = cache, step, backend
+
+    def __enter__(self):
+        self._token = _ACTIVE.set(self)
+        return self
+
+    def __exit__(self, *exc):
+        _ACTIVE.reset(self._token)
+
+
+def active_step() -> ActiveStep | None:
+    return _ACTIVE.get()

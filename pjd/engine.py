@@ -1,0 +1,405 @@
+"""The decoding engine: ar, sjd, sjd++, pjd and zipar as one Jacobi iteration loop.
+
+    prefill the prompt
+    until every lane of every image is complete:
+        lanes  = schedule()          which lanes are fed, how many drafts each, lane rules
+        step   = pack(lanes)         packed inputs + row-causal metadata (leading/scaffold tokens)
+        logits = forward(step)       the model, attention through pjd.ops.draft_attention
+        result = verify(logits)      pjd.ops.speculative_verify: accept, resample, next drafts
+        commit(result)               tokens, cache states, lane frontiers
+
+State lives on the model's device; each step synchronises with the host once (the packed input
+width N and the cache length are shapes). Randomness is drawn on a CPU generator and moved to the
+device, so a seed gives the same tokens whatever the device, backend or cache layout.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from pjd.cache import HIDDEN_POS, ActiveStep, AppendCache, SlotCache, StepInputs
+from pjd.models.base import adapter_for
+from pjd.ops.speculative_verify import PREFIX, TOP, speculative_verify
+from pjd.plan import DecodePlan, check_tensor, make_plan
+
+BIG = 1 << 30
+
+
+@dataclass
+class GenerationResult:
+    tokens: torch.Tensor            # int64 [B, height, width] image tokens (EOL excluded)
+    steps: int                      # forward passes after the prefill
+    accepted: list[torch.Tensor] = field(default_factory=list)  # per step: image tokens committed per image [B]
+    steps_per_image: torch.Tensor | None = None  # int64 [B]: step at which each image was complete
+    wall_seconds: float = 0.0       # whole call, prefill included
+    forward_seconds: float = 0.0    # time inside the model forward passes
+    method: str = ""
+
+    @property
+    def tokens_per_step(self) -> float:
+        return self.tokens[0].numel() / max(self.steps, 1)
+
+
+@dataclass
+class Lanes:
+    """The schedule of one step, all [B, L]."""
+
+    fed: torch.Tensor       # bool: the lane gets inputs this step
+    drafts: torch.Tensor    # int64: m, drafts fed after the lane's last committed token
+    rule: torch.Tensor      # int32: TOP or PREFIX
+    room: torch.Tensor      # int64: slots left in the lane
+    flush: torch.Tensor     # bool: a complete lane fed its last token only to cache its key
+
+
+def generate(model, input_ids, *, height, width, method="pjd", window=None, context=None, top_k=0,
+             top_p=1.0, temperature=1.0, cfg_scale=1.0, uncond_input_ids=None, attention_mask=None,
+             uncond_attention_mask=None, image_token_range=None, eol_token_id=None, draft_init="random",
+             reuse_threshold=0.5, cache="slot", backend="auto", generator=None, seed=None, progress=False,
+             row_causal=True) -> GenerationResult:
+    """Generate a height x width grid of image tokens per prompt.
+
+    Args:
+        model: a transformers causal LM whose image tokens are vocabulary ids (or a pjd adapter).
+        input_ids: int ``[B, P]`` conditioning prefix; left padding allowed through
+            ``attention_mask`` ``[B, P]`` (1 = real token). Image token (r, c) takes the position
+            ``P_real + r * row_slots + c`` exactly as in plain AR generation.
+        method: "ar" | "sjd" | "sjd++" | "pjd" | "zipar". window: drafts per lane (sjd 15, pjd 7).
+        context: committed tokens of row r that activate row r+1 (pjd/zipar; default round(width/4)).
+        top_k (0 = off, 1 = greedy), top_p, temperature: the target distribution.
+        cfg_scale: != 1 needs ``uncond_input_ids``; combined logits ``uncond + s * (cond - uncond)``.
+        image_token_range: ``(lo, hi)`` image token ids (default: whole vocabulary).
+        eol_token_id: forced end-of-line token after every row (row_slots = width + 1).
+        draft_init: "random" | "repeat_left". reuse_threshold: pjd / sjd++ draft reuse (None: off).
+        cache: "slot" | "append". backend: "auto" | "torch" | "triton" (attention and verification).
+        generator / seed: randomness (a CPU torch.Generator, or a seed for a fresh one).
+        row_causal: False lets drafts see other rows' drafts (the paper's ablation).
+    """
+    adapter = adapter_for(model)
+    plan = make_plan(method=method, height=height, width=width, window=window, context=context,
+                     top_k=top_k, top_p=top_p, temperature=temperature, cfg_scale=cfg_scale,
+                     image_token_range=image_token_range, eol_token_id=eol_token_id, draft_init=draft_init,
+                     reuse_threshold=reuse_threshold, cache=cache, vocab_size=adapter.vocab_size,
+                     row_causal=row_causal)
+    if generator is not None and seed is not None:
+        raise ValueError("pass either generator or seed, not both")
+    if generator is None:
+        generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
+    elif generator.device.type != "cpu":
+        raise ValueError(f"generator must be a CPU torch.Generator (device-independent draws), got {generator.device}")
+    decoder = _Decoder(adapter, plan, input_ids, attention_mask, uncond_input_ids, uncond_attention_mask,
+                       cfg_scale, dict(top_k=top_k, top_p=float(top_p), temperature=float(temperature)),
+                       draft_init, cache, backend, generator)
+    return decoder.run(progress)
+
+
+class _Decoder:
+    def __init__(self, adapter, plan: DecodePlan, input_ids, attention_mask, uncond_input_ids,
+                 uncond_attention_mask, cfg_scale, sampling, draft_init, cache, backend, generator):
+        self.adapter, self.plan, self.backend, self.generator = adapter, plan, backend, generator
+        self.sampling, self.draft_init, self.cfg_scale = sampling, draft_init, float(cfg_scale)
+        device = self.device = adapter.device
+        prompt, mask = self._prompts(input_ids, attention_mask, uncond_input_ids, uncond_attention_mask)
+        self.B = input_ids.shape[0]
+        self.Bx, self.P = prompt.shape
+        total = self.P + plan.image_slots
+        if adapter.max_positions is not None and total > adapter.max_positions:
+            raise ValueError(f"a {plan.height}x{plan.width} grid after a {self.P}-token prompt needs {total} "
+                             f"positions; the model has max_position_embeddings={adapter.max_positions}")
+        L, W = plan.num_lanes, max(plan.window, 1)  # ar/zipar store one (never fed) draft per lane
+        self.L, self.W = L, W
+        # Raster buffers: prompt then image slots. Image slots are shared by cond/uncond rows.
+        self.dump = total  # a last column that absorbs writes that do not apply
+        self.tokens = torch.zeros(self.Bx, total + 1, dtype=torch.long, device=device)
+        self.tokens[:, :self.P] = prompt
+        if plan.eol_token_id is not None:
+            eol_slots = torch.arange(plan.width, plan.image_slots, plan.row_slots, device=device)
+            self.tokens[:, self.P + eol_slots] = plan.eol_token_id
+        self.real = torch.ones(self.Bx, total + 1, dtype=torch.bool, device=device)
+        self.real[:, :self.P] = mask
+        self.rope = (self.real.long().cumsum(1) - 1).clamp(min=0)  # position ids, as HF derives them
+        self.kv_ready = torch.zeros(self.B, total + 1, dtype=torch.bool, device=device)
+        self.lane_base = torch.tensor(plan.lane_base, device=device)
+        self.lane_len = torch.tensor(plan.lane_len, device=device)
+        self.n = torch.zeros(self.B, L, dtype=torch.long, device=device)
+        self.draft_tokens = self._random_tokens((self.B, L, W))
+        self.draft_q = torch.nn.functional.one_hot(self.draft_tokens - plan.lo, plan.hi - plan.lo).float()
+        if cache == "slot":
+            self.cache = SlotCache(self.Bx, total, L, device)
+        else:
+            self.cache = AppendCache(self.Bx, total + L * (W + 1), device)
+        self.lane_id = torch.arange(L, device=device)
+
+    def _prompts(self, input_ids, attention_mask, uncond_input_ids, uncond_attention_mask):
+        device = self.adapter.device
+        check_tensor("input_ids", input_ids, 2, "int", device)
+        if input_ids.shape[1] < 1:
+            raise ValueError("input_ids must hold at least one prompt token")
+        mask = self._mask("attention_mask", attention_mask, input_ids)
+        if self.cfg_scale == 1.0:
+            if uncond_input_ids is not None:
+                raise ValueError("uncond_input_ids given but cfg_scale == 1 (CFG off); set cfg_scale != 1")
+            return input_ids.long(), mask
+        if uncond_input_ids is None:
+            raise ValueError(f"cfg_scale={self.cfg_scale} needs uncond_input_ids (the unconditional prompt)")
+        check_tensor("uncond_input_ids", uncond_input_ids, 2, "int", device)
+        if uncond_input_ids.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"uncond_input_ids must have batch {input_ids.shape[0]}, got {uncond_input_ids.shape[0]}")
+        umask = self._mask("uncond_attention_mask", uncond_attention_mask, uncond_input_ids)
+        P = max(input_ids.shape[1], uncond_input_ids.shape[1])  # left-pad both to one length
+
+        def pad(ids, m):
+            extra = P - ids.shape[1]
+            return (torch.nn.functional.pad(ids.long(), (extra, 0)),
+                    torch.nn.functional.pad(m, (extra, 0), value=False))
+
+        (c, cm), (u, um) = pad(input_ids, mask), pad(uncond_input_ids, umask)
+        return torch.cat([c, u]), torch.cat([cm, um])
+
+    @staticmethod
+    def _mask(name, mask, ids):
+        if mask is None:
+            return torch.ones_like(ids, dtype=torch.bool)
+        check_tensor(name, mask, 2, "any", ids.device)
+        if mask.shape != ids.shape:
+            raise ValueError(f"{name} must have the prompt's shape {list(ids.shape)}, got {list(mask.shape)}")
+        mask = mask.bool()
+        if not bool(mask[:, -1].all()):
+            raise ValueError(f"{name}: the last prompt token of every row must be real (use left padding)")
+        return mask
+
+    def _random_tokens(self, shape):
+        lo, hi = self.plan.lo, self.plan.hi
+        return torch.randint(lo, hi, shape, generator=self.generator).to(self.device)
+
+    def _uniform(self, shape):
+        return torch.rand(shape, generator=self.generator).to(self.device)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, progress: bool) -> GenerationResult:
+        t0 = time.perf_counter()
+        result = GenerationResult(tokens=None, steps=0, method=self.plan.method)
+        finished_at = torch.full((self.B,), -1, dtype=torch.long, device=self.device)
+        bar = _progress(progress, self.B * self.plan.height * self.plan.width, self.plan.method)
+        with self.adapter.decoding():
+            self.prefill(result)
+            while True:
+                lanes = self.schedule()
+                step = self.pack(lanes)
+                if step is None:
+                    break
+                logits = self.forward(step, result)
+                verdict = self.verify(logits, lanes)
+                accepted = self.commit(verdict, lanes, step)
+                result.steps += 1
+                result.accepted.append(accepted)
+                done = self.n.ge(self.lane_len).all(1)
+                finished_at = torch.where(done & (finished_at < 0), result.steps, finished_at)
+                bar.update(int(accepted.sum()))
+        bar.close()
+        plan = self.plan
+        image = self.tokens[:self.B, self.P:self.dump].view(self.B, plan.height, plan.row_slots)[:, :, :plan.width]
+        result.tokens = image.clone()
+        result.steps_per_image = finished_at
+        result.wall_seconds = time.perf_counter() - t0
+        return result
+
+    def prefill(self, result):
+        """Every prompt token but the last (which is re-fed by the first step) writes its KV."""
+        n = self.P - 1
+        if n == 0:
+            return
+        pos = torch.arange(n, dtype=torch.int32, device=self.device).expand(self.Bx, n)
+        real = self.real[:, :n]
+        step = StepInputs(
+            q_pos=torch.where(real, pos, -1).int(),
+            q_group=torch.full_like(pos, -1),
+            key_pos=pos.clone(),
+            key_group=torch.where(real, -1, -2).int(),
+            slot=(self.cache_offset() + pos).long(),
+            kv_len=self.cache_offset() + n,
+        )
+        self.forward(step, result, tokens=self.tokens[:, :n], rope=self.rope[:, :n])
+        self.cache.end(real)
+        self.kv_ready[:, :n] = real[:self.B]
+
+    def cache_offset(self) -> int:
+        return self.cache.num_scratch if isinstance(self.cache, SlotCache) else 0
+
+    def schedule(self) -> Lanes:
+        """Which lanes are fed this step and with how many drafts (DESIGN.md §1.1)."""
+        plan, n = self.plan, self.n
+        left = self.lane_len - n
+        done = left <= 0
+        top = (~done).long().argmax(1, keepdim=True)  # lanes complete in order: the first open one
+        is_top = (self.lane_id == top) & ~done
+        if plan.row_lanes:
+            above_n = torch.nn.functional.pad(n[:, :-1], (1, 0), value=BIG)
+            above_done = torch.nn.functional.pad(done[:, :-1], (1, 0), value=True)
+            activated = above_n >= plan.context
+            # Row r may draft column j only once row r-1 has committed column j+1.
+            room_above = torch.where(above_done, BIG, above_n - n - 1)
+        else:
+            activated = torch.ones_like(done)
+            room_above = torch.full_like(n, BIG)
+        drafts = torch.minimum(left, torch.where(is_top, BIG, room_above)).clamp(min=0, max=plan.window)
+        fed = ~done & activated & (is_top | (room_above >= 1))
+        # A lane that completed with a sampled (never fed) last token is fed it once more so that
+        # its key exists for the rows below; it commits nothing. The last lane needs no flush.
+        last_slot = self.P + self.lane_base + self.lane_len - 1
+        flush = done & ~self.kv_ready.gather(1, last_slot.expand_as(n)) & (self.lane_id < self.L - 1)
+        rule = TOP if plan.method == "zipar" else PREFIX
+        rule = torch.where(is_top, TOP, rule)
+        rule = torch.where(flush, PREFIX, rule).int()
+        return Lanes(fed=fed | flush, drafts=torch.where(fed, drafts, 0), rule=rule, room=left.clamp(min=0),
+                     flush=flush)
+
+    def pack(self, lanes: Lanes) -> StepInputs | None:
+        """Lay out this step's inputs: per fed lane, top to bottom, its leading input then its drafts."""
+        plan, B, L, W, P = self.plan, self.B, self.L, self.W, self.P
+        k = torch.arange(W + 1, device=self.device)
+        count = torch.where(lanes.fed, 1 + lanes.drafts, 0)
+        start = count.cumsum(1) - count
+        valid = lanes.fed[..., None] & (k <= lanes.drafts[..., None])          # [B, L, W+1]
+        image_slot = (self.lane_base + self.n - 1)[..., None] + k              # -1: the last prompt token
+        raster = P + image_slot
+        N, max_raster = (int(x) for x in torch.stack([count.sum(1).max(), torch.where(valid, raster, 0).max()]).tolist())
+        if N == 0:
+            return None
+        self.lane_start = torch.where(lanes.fed, start, -1)
+
+        # Tokens: the lane's last committed token (or leading token), then its drafts (EOL where forced).
+        tokens = torch.cat([self.tokens[:B].gather(1, raster[..., 0])[..., None], self.draft_tokens], -1)
+        if plan.eol_token_id is not None:
+            forced = (image_slot >= 0) & (image_slot % plan.row_slots == plan.width)
+            tokens = torch.where(forced, plan.eol_token_id, tokens)
+        scaffold = self._scaffold(lanes)
+        lead = k == 0
+        if scaffold is not None:
+            tokens[..., 0] = torch.where(scaffold, self._row_above_last_token(), tokens[..., 0])
+            scaffold = scaffold[..., None] & lead
+        else:
+            scaffold = torch.zeros_like(valid)
+        # Keys: a leading input whose key is not cached yet writes it as committed; otherwise its key
+        # is discarded. Drafts write their own slot as drafts of their lane; scaffolds go to scratch.
+        ready = self.kv_ready.gather(1, raster[..., 0])
+        if plan.row_lanes and plan.eol_token_id is None:
+            # A fresh row leads with the last token of the row above: do not write it twice.
+            flush_above = torch.nn.functional.pad(lanes.flush[:, :-1], (1, 0), value=False)
+            ready = ready | (flush_above & (self.n == 0))
+        ready = ready[..., None]
+        writes_committed = valid & lead & ~ready & ~scaffold
+        lane = self.lane_id[:, None].expand(L, W + 1)
+        draft_group = lane if plan.row_causal else torch.full_like(lane, -1)
+        key_group = torch.where(lead, torch.where(writes_committed, -1, -2), draft_group)
+        key_group = torch.where(scaffold, lane, key_group)
+        off = self.cache_offset()
+        slot = torch.where(writes_committed | ~lead, off + raster, L)  # L: the discard slot
+        slot = torch.where(scaffold, lane, slot)
+
+        # Scatter the [B, L, W+1] grid into packed [B, N] (padding: sees nothing, writes nowhere).
+        dest = torch.where(valid, start[..., None] + k, N).view(B, -1)
+
+        def packed(grid, fill):
+            out = torch.full((B, N + 1), fill, dtype=grid.dtype, device=self.device)
+            return out.scatter_(1, dest, grid.reshape(B, -1))[:, :N]
+
+        self.packed_dest = dest
+        self.writes_committed = writes_committed
+        q_pos = packed(raster, -1)
+        step = StepInputs(
+            q_pos=self._rows(q_pos).int(),
+            q_group=self._rows(packed(lane.expand(B, L, W + 1), -1)).int(),
+            key_pos=self._rows(torch.where(q_pos >= 0, q_pos, HIDDEN_POS)).int(),
+            key_group=self._rows(packed(key_group, -2)).int(),
+            slot=self._rows(packed(slot, L)).long(),
+            kv_len=off + max_raster + 1,
+        )
+        raster_rows = self._rows(packed(raster, 0))
+        # The first leading token is the last prompt token, which differs between cond/uncond rows.
+        self.step_tokens = torch.where(raster_rows < P, self.tokens.gather(1, raster_rows),
+                                       self._rows(packed(tokens, 0)))
+        self.step_rope = self.rope.gather(1, raster_rows)
+        return step
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-image [B, ...] -> per batch row [Bx, ...] (cond and uncond rows share image metadata)."""
+        return x if self.Bx == self.B else torch.cat([x, x])
+
+    def _scaffold(self, lanes: Lanes) -> torch.Tensor | None:
+        """[B, L]: lanes whose leading token is a scaffold (no EOL, fresh row, row above unfinished)."""
+        plan = self.plan
+        if not plan.row_lanes or plan.eol_token_id is not None:
+            return None
+        above_open = torch.nn.functional.pad((self.n < self.lane_len)[:, :-1], (1, 0), value=False)
+        return lanes.fed & (self.n == 0) & above_open
+
+    def _row_above_last_token(self) -> torch.Tensor:
+        """[B, L]: the last committed token of the row above each lane (scaffold tokens)."""
+        base_above = torch.nn.functional.pad(self.lane_base[:-1], (1, 0))
+        n_above = torch.nn.functional.pad(self.n[:, :-1], (1, 0), value=1)
+        return self.tokens[:self.B].gather(1, self.P + base_above + (n_above - 1).clamp(min=0))
+
+    def forward(self, step: StepInputs, result, tokens=None, rope=None) -> torch.Tensor:
+        t0 = time.perf_counter()
+        self.cache.begin(step)
+        with ActiveStep(self.cache, step, self.backend):
+            logits = self.adapter.forward(self.step_tokens if tokens is None else tokens,
+                                          self.step_rope if rope is None else rope)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        result.forward_seconds += time.perf_counter() - t0
+        return logits
+
+    def verify(self, logits: torch.Tensor, lanes: Lanes):
+        if bool(torch.isnan(logits).any()):
+            raise ValueError("the model produced NaN logits; pjd cannot sample from them")
+        plan, B, L, W = self.plan, self.B, self.L, self.W
+        return speculative_verify(
+            logits, self.lane_start.int(), lanes.drafts.int(), lanes.rule,
+            (self.lane_base + self.n).int(), lanes.room.int(), self.draft_tokens, self.draft_q,
+            self._uniform((B, L, W)), self._uniform((B, L, W + 1)), self._random_tokens((B, L, W)),
+            image_token_range=(plan.lo, plan.hi), cfg_scale=self.cfg_scale, reuse_threshold=plan.reuse_threshold,
+            draft_init=self.draft_init, eol_token_id=plan.eol_token_id, row_slots=plan.row_slots,
+            width=plan.width, backend=self.backend, **self.sampling,
+        )
+
+    def commit(self, verdict, lanes: Lanes, step: StepInputs) -> torch.Tensor:
+        """Write committed tokens, flip cache states, advance frontiers. Returns image tokens per image."""
+        plan, B, W = self.plan, self.B, self.W
+        k = torch.arange(W + 1, device=self.device)
+        # Keys kept: leading inputs that wrote theirs, and every accepted draft.
+        accepted = (k < verdict.num_accepted[..., None])
+        keep_grid = self.writes_committed | ((k >= 1) & (k <= verdict.num_accepted[..., None]))
+        keep = torch.zeros(B, step.q_pos.shape[1] + 1, dtype=torch.bool, device=self.device)
+        keep.scatter_(1, self.packed_dest, keep_grid.view(B, -1))
+        self.cache.end(self._rows(keep[:, :-1]))
+        # Lane offsets n + k as raster positions; writes that do not apply go to the dump column.
+        slots = (self.P + self.lane_base + self.n)[..., None] + k             # [B, L, W+1]
+        committed = k < verdict.num_commit[..., None]
+        dump = self.dump
+        target = torch.where(committed, slots, dump).view(B, -1)
+        self.tokens.scatter_(1, self._rows(target), self._rows(verdict.commit_tokens.view(B, -1)))
+        self.kv_ready.scatter_(1, torch.where(accepted, slots, dump).view(B, -1), True)
+        self.kv_ready.scatter_(1, torch.where(self.writes_committed[..., 0], slots[..., 0] - 1, dump), True)
+        self.n = self.n + verdict.num_commit.long()
+        self.draft_tokens, self.draft_q = verdict.next_tokens, verdict.next_q
+        is_image = (slots - self.P) % plan.row_slots < plan.width
+        return (committed & is_image).sum((1, 2))
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(enabled: bool, total: int, desc: str):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tok")

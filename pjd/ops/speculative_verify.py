@@ -1,0 +1,227 @@
+"""Speculative verification of one decoding step, for every active lane of every image.
+
+A *lane* is a run of image slots decoded left to right with its own draft window: a grid row for
+pjd / zipar, the whole raster for ar / sjd. Per lane, the step fed the lane's last committed token
+(input 0) and ``m`` drafts (inputs 1..m); the output of input k is the target p at lane slot n + k
+(n = tokens committed in the lane before the step). The op, without any host synchronisation:
+
+1. p = target distribution of each fed input (CFG, image tokens, temperature, top-k, top-p).
+2. Acceptance of draft i (slot n + i) against p_i:  ``u_accept[i] * q_i(d_i) < p_i(d_i)``, i.e.
+   u < min(1, p/q). Forced slots (EOL) always pass. The accepted prefix ends at the first failure.
+3. Lanes with ``lane_rule == TOP`` (the top-most active row; every lane of zipar) then commit one
+   more token: at the first rejected slot j a sample of normalize(max(0, p_j - q_j)) (exact
+   speculative sampling), or, if all m drafts passed and the lane has room, a bonus sample of p_m.
+   ``PREFIX`` lanes (lower rows) commit only their accepted drafts.
+4. Next drafts for the W slots after the new frontier (slot n + a + i, i < W; k = a + i):
+   - a slot with a target this step (k <= m) keeps its old draft and q when reuse is on, the old
+     draft was not the rejected one, and p_k(d)/q_k(d) > reuse_threshold; otherwise it takes a
+     fresh sample of p_k (q := p_k). A fully accepted PREFIX lane thus also refreshes slot m
+     from p_m: it has a target there, so a uniform draft would waste it;
+   - a stored draft with no target this step (m < k < W) is kept as is;
+   - slots beyond (k >= W) are initialised: a uniform image token from ``init_tokens`` (q one-hot),
+     or with ``draft_init="repeat_left"`` a copy of the token to the left (random if that is EOL);
+   - forced slots hold the EOL token.
+Inactive lanes (``lane_start < 0``) commit nothing and keep their drafts.
+
+Randomness comes in as tensors (``u_accept``, ``u_sample``, ``init_tokens``) so every backend gives
+the same tokens for the same draws; sampling is inverse-CDF with one uniform per draw
+(pjd.sampling.sample_inverse_cdf), u_sample[k] serving the one draw slot n + k can need.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from pjd.sampling import sample_inverse_cdf, target_probs
+
+from ._backend import resolve_backend
+
+TOP = 0
+PREFIX = 1
+DRAFT_INITS = ("random", "repeat_left")
+
+
+class VerifyResult(NamedTuple):
+    num_accepted: torch.Tensor  # int32 [B, L]: drafts accepted (their KV is kept)
+    num_commit: torch.Tensor    # int32 [B, L]: tokens committed (accepted + resample/bonus)
+    commit_tokens: torch.Tensor  # int64 [B, L, W+1]: committed tokens at slots n .. n+num_commit-1
+    next_tokens: torch.Tensor   # int64 [B, L, W]: drafts for slots n' .. n'+W-1 (n' = n + num_commit)
+    next_q: torch.Tensor        # float32 [B, L, W, V_img]: their draft distributions
+
+
+def _gather_slots(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x [B, L, S, V], idx [B, L, K] -> x[b, l, idx[b, l, k], :] as [B, L, K, V]."""
+    return x.gather(2, idx[..., None].expand(*idx.shape, x.shape[-1]))
+
+
+def _pick(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x [..., V], idx [...] -> x[..., idx]."""
+    return x.gather(-1, idx[..., None]).squeeze(-1)
+
+
+def speculative_verify_reference(
+    logits, lane_start, lane_drafts, lane_rule, lane_slot, lane_room,
+    draft_tokens, draft_q, u_accept, u_sample, init_tokens,
+    cfg_scale: float, image_token_range: tuple[int, int], temperature: float, top_k: int,
+    top_p: float, reuse_threshold: float, draft_init: str, eol_token_id: int, row_slots: int,
+    width: int,
+) -> VerifyResult:
+    """Pure-torch specification (see the module docstring); reuse_threshold < 0 disables reuse."""
+    B, L, W = draft_tokens.shape
+    lo, hi = image_token_range
+    device = draft_tokens.device
+    probs = target_probs(logits, num_images=B, cfg_scale=cfg_scale, image_token_range=image_token_range,
+                         temperature=temperature, top_k=top_k, top_p=top_p)  # [B, N, V]
+    N = probs.shape[1]
+    active = lane_start >= 0
+    m = torch.where(active, lane_drafts, 0).long()[..., None]  # [B, L, 1]
+    ks = torch.arange(W + 1, device=device)
+    rows = (lane_start.clamp(min=0).long()[..., None] + ks).clamp(max=N - 1)  # [B, L, W+1]
+    p = probs[torch.arange(B, device=device)[:, None, None], rows]  # [B, L, W+1, V]
+
+    def forced(offsets: torch.Tensor) -> torch.Tensor:
+        if eol_token_id < 0:
+            return torch.zeros_like(offsets, dtype=torch.bool)
+        return (lane_slot.long()[..., None] + offsets) % row_slots == width
+
+    # Acceptance scan.
+    image_idx = (draft_tokens - lo).clamp(0, hi - lo - 1)
+    p_d = _pick(p[:, :, :W], image_idx)
+    q_d = _pick(draft_q, image_idx)
+    passes = forced(ks[:W]) | (u_accept * q_d < p_d)
+    passes &= ks[:W] < m
+    num_accepted = passes.long().cumprod(-1).sum(-1, keepdim=True)  # [B, L, 1]
+    rejected = num_accepted < m
+
+    # Residual resample (first rejection) or bonus (all accepted and room left), TOP lanes only.
+    j = num_accepted
+    p_j = _gather_slots(p, j).squeeze(2)
+    q_j = _gather_slots(draft_q, j.clamp(max=W - 1)).squeeze(2)
+    residual = (p_j - q_j).clamp(min=0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_j)
+    extra_dist = torch.where(rejected, residual, p_j)
+    extra_token = sample_inverse_cdf(extra_dist, u_sample.gather(-1, j).squeeze(-1)) + lo
+    extra_token = torch.where(forced(j).squeeze(-1), eol_token_id, extra_token)[..., None]
+    has_extra = (lane_rule[..., None] == TOP) & active[..., None] & (rejected | (m < lane_room[..., None]))
+    num_commit = num_accepted + has_extra.long()
+
+    commit_tokens = torch.cat([draft_tokens, draft_tokens[..., -1:]], dim=-1)
+    commit_tokens = torch.where(ks == j, extra_token, commit_tokens)
+    commit_tokens = torch.where(forced(ks), eol_token_id, commit_tokens)
+
+    # Next drafts at lane offsets k = a + i.
+    k = num_commit + ks[:W]  # [B, L, W]
+    k_old = k.clamp(max=W - 1)
+    old_tokens = draft_tokens.gather(-1, k_old)
+    old_q = _gather_slots(draft_q, k_old)
+    has_target = k <= m
+    p_k = _gather_slots(p, k.clamp(max=W))
+    old_idx = (old_tokens - lo).clamp(0, hi - lo - 1)
+    reuse = (
+        (reuse_threshold >= 0) & (k < W) & ~(rejected & (k == j))
+        & (_pick(p_k, old_idx) > reuse_threshold * _pick(old_q, old_idx))
+    )
+    fresh = has_target & ~reuse
+    fresh_tokens = sample_inverse_cdf(p_k, u_sample.gather(-1, k.clamp(max=W))) + lo
+    init = k >= W
+    if draft_init == "repeat_left":
+        # Init slots are a suffix; each copies the last non-init token to its left.
+        first_init = (W - num_commit).clamp(min=0)  # index i of the first init slot
+        left_new = old_tokens.gather(-1, (first_init - 1).clamp(min=0))
+        left_new = torch.where(fresh.gather(-1, (first_init - 1).clamp(min=0)),
+                               fresh_tokens.gather(-1, (first_init - 1).clamp(min=0)), left_new)
+        last_commit = commit_tokens.gather(-1, (num_commit - 1).clamp(min=0))
+        left = torch.where(first_init > 0, left_new, last_commit)
+        init_fill = torch.where((left >= lo) & (left < hi), left.expand(B, L, W), init_tokens)
+    else:
+        init_fill = init_tokens
+    next_tokens = torch.where(fresh, fresh_tokens, old_tokens)
+    next_tokens = torch.where(init, init_fill, next_tokens)
+    one_hot = torch.nn.functional.one_hot((next_tokens - lo).clamp(0, hi - lo - 1), hi - lo).float()
+    next_q = torch.where(fresh[..., None], p_k, old_q)
+    next_q = torch.where(init[..., None], one_hot, next_q)
+    is_forced = forced(k)
+    next_tokens = torch.where(is_forced, eol_token_id, next_tokens)
+    next_q = next_q.masked_fill(is_forced[..., None], 0.0)
+
+    # Inactive lanes keep everything.
+    keep_old = ~active[..., None]
+    next_tokens = torch.where(keep_old, draft_tokens, next_tokens)
+    next_q = torch.where(keep_old[..., None], draft_q, next_q)
+    return VerifyResult(
+        num_accepted.squeeze(-1).int(), num_commit.squeeze(-1).int(), commit_tokens, next_tokens, next_q
+    )
+
+
+@torch.library.custom_op("pjd::speculative_verify", mutates_args=())
+def _speculative_verify_op(
+    logits: torch.Tensor, lane_start: torch.Tensor, lane_drafts: torch.Tensor, lane_rule: torch.Tensor,
+    lane_slot: torch.Tensor, lane_room: torch.Tensor, draft_tokens: torch.Tensor, draft_q: torch.Tensor,
+    u_accept: torch.Tensor, u_sample: torch.Tensor, init_tokens: torch.Tensor,
+    cfg_scale: float, lo: int, hi: int, temperature: float, top_k: int, top_p: float,
+    reuse_threshold: float, draft_init: str, eol_token_id: int, row_slots: int, width: int, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    args = (logits, lane_start, lane_drafts, lane_rule, lane_slot, lane_room, draft_tokens, draft_q,
+            u_accept, u_sample, init_tokens, cfg_scale, (lo, hi), temperature, top_k, top_p,
+            reuse_threshold, draft_init, eol_token_id, row_slots, width)
+    if backend == "triton":
+        from pjd.kernels.speculative_verify import speculative_verify_triton
+
+        return tuple(speculative_verify_triton(*args))
+    return tuple(speculative_verify_reference(*args))
+
+
+@_speculative_verify_op.register_fake
+def _(logits, lane_start, lane_drafts, lane_rule, lane_slot, lane_room, draft_tokens, draft_q, *rest):
+    B, L, W = draft_tokens.shape
+    lane = lane_start.new_empty((B, L))
+    return (lane, lane.clone(), draft_tokens.new_empty((B, L, W + 1)), torch.empty_like(draft_tokens),
+            torch.empty_like(draft_q))
+
+
+def speculative_verify(
+    logits, lane_start, lane_drafts, lane_rule, lane_slot, lane_room,
+    draft_tokens, draft_q, u_accept, u_sample, init_tokens, *,
+    image_token_range, cfg_scale=1.0, temperature=1.0, top_k=0, top_p=1.0, reuse_threshold=None,
+    draft_init="random", eol_token_id=None, row_slots=1, width=1, backend="auto",
+) -> VerifyResult:
+    """Verify every lane's drafts, commit tokens, and propose the next drafts (one fused step).
+
+    Args (B images, L lanes, W draft window, N packed inputs, V vocabulary, Vi = hi - lo):
+        logits: ``[Bx, N, V]`` float logits of this step's packed inputs; Bx = B, or 2B with CFG
+            (rows [0, B) conditional, [B, 2B) unconditional).
+        lane_start: int32 ``[B, L]`` index in N of the lane's input 0 (its last committed token);
+            -1 = lane not fed this step. Inputs 1..m of the lane follow it contiguously.
+        lane_drafts: int32 ``[B, L]`` m, drafts fed (0..W).
+        lane_rule: int32 ``[B, L]`` ``TOP`` (exact: residual resample + bonus) or ``PREFIX``.
+        lane_slot: int32 ``[B, L]`` image-slot index (row * row_slots + col) of the lane's frontier
+            n; used to recognise forced EOL slots (slot % row_slots == width).
+        lane_room: int32 ``[B, L]`` slots left in the lane (caps the bonus).
+        draft_tokens: int64 ``[B, L, W]`` stored drafts (vocabulary ids) for slots n .. n+W-1.
+        draft_q: float32 ``[B, L, W, Vi]`` their draft distributions over image tokens.
+        u_accept: float32 ``[B, L, W]``; u_sample: float32 ``[B, L, W+1]``; uniforms in [0, 1).
+        init_tokens: int64 ``[B, L, W]`` uniform image-token ids for initialised slots.
+        image_token_range: ``(lo, hi)`` image token ids; cfg_scale, temperature (> 0), top_k
+            (0 = off), top_p (1 = off): the target distribution (pjd.sampling.target_probs).
+        reuse_threshold: float or None (no reuse); draft_init: "random" | "repeat_left".
+        eol_token_id: forced token after every row (None = no EOL); row_slots, width: the grid.
+
+    Returns:
+        VerifyResult(num_accepted, num_commit, commit_tokens, next_tokens, next_q); see the module
+        docstring for the rules. No host synchronisation happens inside.
+    """
+    B, L, W = draft_tokens.shape
+    lo, hi = image_token_range
+    if draft_init not in DRAFT_INITS:
+        raise ValueError(f"draft_init must be one of {DRAFT_INITS}, got {draft_init!r}")
+    if draft_q.shape != (B, L, W, hi - lo):
+        raise ValueError(f"draft_q must have shape {[B, L, W, hi - lo]}, got {list(draft_q.shape)}")
+    backend = resolve_backend(backend, logits.device)
+    out = _speculative_verify_op(
+        logits, lane_start, lane_drafts, lane_rule, lane_slot, lane_room, draft_tokens, draft_q,
+        u_accept, u_sample, init_tokens, float(cfg_scale), int(lo), int(hi), float(temperature),
+        int(top_k), float(top_p), -1.0 if reuse_threshold is None else float(reuse_threshold),
+        draft_init, -1 if eol_token_id is None else int(eol_token_id), int(row_slots), int(width), backend,
+    )
+    return VerifyResult(*out)

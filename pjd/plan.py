@@ -1,0 +1,126 @@
+"""Validated decoding settings and the lane geometry of each method (DESIGN.md §1).
+
+A *lane* is a run of image slots decoded left to right with its own draft window.
+- ar, sjd, sjd++: one lane over the whole raster (EOL slots inside it are forced);
+- pjd, zipar: one lane per grid row; the row's EOL (if any) is the next row's leading token.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+METHODS = ("ar", "sjd", "sjd++", "pjd", "zipar")
+CACHES = ("slot", "append")
+DEFAULT_WINDOW = {"ar": 0, "sjd": 15, "sjd++": 15, "pjd": 7, "zipar": 0}
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    method: str
+    height: int
+    width: int
+    row_slots: int          # width, or width + 1 with an EOL token
+    eol_token_id: int | None
+    lo: int                 # image tokens are ids [lo, hi)
+    hi: int
+    window: int             # drafts per lane per step
+    context: int            # committed tokens of lane l-1 that activate lane l (row lanes)
+    reuse_threshold: float | None
+    row_causal: bool
+    lane_base: tuple[int, ...]   # image-slot index of each lane's first slot
+    lane_len: tuple[int, ...]
+
+    @property
+    def num_lanes(self) -> int:
+        return len(self.lane_base)
+
+    @property
+    def row_lanes(self) -> bool:
+        return self.method in ("pjd", "zipar")
+
+    @property
+    def image_slots(self) -> int:
+        return self.height * self.row_slots
+
+
+def _positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def make_plan(*, method, height, width, window, context, top_k, top_p, temperature, cfg_scale,
+              image_token_range, eol_token_id, draft_init, reuse_threshold, cache, vocab_size,
+              row_causal) -> DecodePlan:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    _positive_int("height", height)
+    _positive_int("width", width)
+    if cache not in CACHES:
+        raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
+    if draft_init not in ("random", "repeat_left"):
+        raise ValueError(f"draft_init must be 'random' or 'repeat_left', got {draft_init!r}")
+    lo, hi = (0, vocab_size) if image_token_range is None else image_token_range
+    if not (0 <= lo < hi <= vocab_size):
+        raise ValueError(f"image_token_range must satisfy 0 <= lo < hi <= vocab size {vocab_size}, got {(lo, hi)}")
+    if eol_token_id is not None:
+        if not 0 <= eol_token_id < vocab_size:
+            raise ValueError(f"eol_token_id must be a vocabulary id in [0, {vocab_size}), got {eol_token_id}")
+        if lo <= eol_token_id < hi:
+            raise ValueError(f"eol_token_id {eol_token_id} lies inside image_token_range {(lo, hi)}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0 = no top-k filter), got {top_k!r}")
+    if top_k > hi - lo:
+        raise ValueError(f"top_k={top_k} is beyond the {hi - lo} image tokens of image_token_range")
+    if not (0.0 < float(top_p) <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if not (float(temperature) > 0.0) or math.isinf(temperature):
+        raise ValueError(f"temperature must be a finite number > 0 (use top_k=1 for greedy), got {temperature}")
+    if not math.isfinite(cfg_scale):
+        raise ValueError(f"cfg_scale must be finite, got {cfg_scale}")
+
+    if window is None:
+        window = DEFAULT_WINDOW[method]
+    elif method in ("ar", "zipar"):
+        raise ValueError(f"method={method!r} decodes one token per lane per step; it takes no window")
+    else:
+        _positive_int("window", window)
+    if method in ("pjd", "zipar"):
+        if context is None:
+            context = max(1, round(width / 4))
+        _positive_int("context", context)
+        context = min(context, width)
+    elif context is not None:
+        raise ValueError(f"context applies to the row-parallel methods 'pjd' and 'zipar', not {method!r}")
+    else:
+        context = width
+    if method in ("pjd", "sjd++"):
+        if reuse_threshold is not None and not float(reuse_threshold) >= 0.0:
+            raise ValueError(f"reuse_threshold must be >= 0 or None, got {reuse_threshold}")
+    else:
+        reuse_threshold = None  # sjd is the classic (lossless) Jacobi refresh; ar and zipar have no drafts
+
+    row_slots = width + (eol_token_id is not None)
+    if method in ("pjd", "zipar"):
+        lane_base = tuple(r * row_slots for r in range(height))
+        lane_len = (width,) * height
+    else:  # one lane over the raster; the trailing EOL is never needed
+        lane_base = (0,)
+        lane_len = (height * row_slots - (eol_token_id is not None),)
+    return DecodePlan(method, height, width, row_slots, eol_token_id, lo, hi, window, context,
+                      None if reuse_threshold is None else float(reuse_threshold), bool(row_causal),
+                      lane_base, lane_len)
+
+
+def check_tensor(name: str, t, dims: int, dtype_kind: str, device=None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != dims:
+        raise ValueError(f"{name} must be {dims}-D, got shape {list(t.shape)}")
+    if dtype_kind == "int" and (t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex()):
+        raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device}, but the model is on {device}")
