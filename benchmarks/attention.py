@@ -301,8 +301,11 @@ def run_case(case: Case, device, dtype, repeats: int) -> dict:
         fn = run[name]
         row[f"{name}_ms"] = time_cuda(fn, inputs) if device.type == "cuda" else time_cpu(fn, inputs, repeats)
         row[f"{name}_maxdiff_vs_pjd"] = errs[name]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
     t = time.perf_counter()
     flex_block_mask(x)
+    sync()
     row["flex_mask_ms"] = (time.perf_counter() - t) * 1e3
     return row
 
@@ -311,7 +314,7 @@ def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="bench_out")
     p.add_argument("--quick", action="store_true", help="one cache point, rows 1 and 4")
-    p.add_argument("--repeats", type=int, default=3, help="timed calls per variant on CPU (median)")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per variant on CPU (median)")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
