@@ -24,7 +24,8 @@ On CUDA: triton.testing.do_bench (median; warm-up; inputs rotated over copies la
 achieved bandwidth against the measured device copy bandwidth. On CPU (no GPU): only the CPU-capable
 variants, at scaled-down head counts (flagged in the table), 1 thread, a few repeats.
 
-Usage: python benchmarks/attention.py [--out bench_out] [--quick]
+Usage: python benchmarks/attention.py [--out bench_out] [--quick] [--repeats 5]
+    [--docs]   # write the table into docs/performance.md (block attention-cpu / attention-cuda)
 """
 from __future__ import annotations
 
@@ -315,6 +316,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--out", default="bench_out")
     p.add_argument("--quick", action="store_true", help="one cache point, rows 1 and 4")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per variant on CPU (median)")
+    p.add_argument("--docs", action="store_true",
+                   help="write the results table into docs/performance.md (attention-<device> block)")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
@@ -352,6 +355,10 @@ def main(argv=None) -> list[dict]:
         wr.writeheader()
         wr.writerows(rows)
     plot(rows, out / "attention.png", dev)
+    if args.docs:
+        from _report import update_docs
+
+        update_docs(f"attention-{device.type}", markdown(rows, meta))
     print(f"wrote {out / 'attention.json'}, {out / 'attention.csv'}, {out / 'attention.png'}")
     return rows
 
@@ -368,8 +375,22 @@ def format_row(r: dict, with_bw: bool) -> str:
         cell(n) for n in ("pjd", "flash", "flex", "sdpa")) + f" | flex mask build {r['flex_mask_ms']:.1f} ms")
 
 
+def markdown(rows: list[dict], meta: dict) -> str:
+    """Results table (ms per call, median) with the device and command it came from."""
+    names = ("pjd", "flash", "flex", "sdpa")
+    lines = [f"Measured: `{meta['command']}` on {meta['device']} (torch {meta['torch']}, "
+             f"{meta['threads']} thread(s), {meta['dtype']}; pjd = {meta['pjd_variant']}).", "",
+             "| case | Nq | Nk | " + " | ".join(f"{n} ms" for n in names) + " | flex mask build ms |",
+             "|" + "---|" * (len(names) + 4)]
+    for r in rows:
+        cells = [f"{r[f'{n}_ms']:.3f}" if r[f"{n}_ms"] == r[f"{n}_ms"] else r[f"{n}_note"] for n in names]
+        lines.append(f"| {r['case']} | {r['nq']} | {r['nk']} | " + " | ".join(cells)
+                     + f" | {r['flex_mask_ms']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(rows: list[dict], path: Path, dev: str) -> None:
-    from _plot import bar_chart  # benchmarks/_plot.py (PIL only)
+    from _report import bar_chart
 
     names = ("pjd", "flash", "flex", "sdpa")
     bars, colors = [], []

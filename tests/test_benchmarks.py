@@ -6,6 +6,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import _report  # noqa: E402
 import attention  # noqa: E402
 import roofline  # noqa: E402
 
@@ -44,10 +45,10 @@ def test_roofline_pjd_schedule_hits_the_step_count():
 def test_roofline_docs_block_is_replaced_not_appended(tmp_path):
     doc = tmp_path / "performance.md"
     doc.write_text("intro\n")
-    roofline.update_docs("first\n", doc)
-    roofline.update_docs("second\n", doc)
+    _report.update_docs("roofline", "first\n", doc)
+    _report.update_docs("roofline", "second\n", doc)
     text = doc.read_text()
-    assert text.count(roofline.BEGIN) == 1 and "second" in text and "first" not in text
+    assert text.count("<!-- roofline:begin -->") == 1 and "second" in text and "first" not in text
     assert text.startswith("intro\n")
 
 

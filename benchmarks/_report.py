@@ -1,4 +1,5 @@
-"""Horizontal bar charts drawn with PIL (pillow is a pjd dependency; matplotlib is not)."""
+"""Report helpers of the benchmark scripts: PIL bar charts (pillow is a pjd dependency, matplotlib
+is not) and regenerated blocks of docs/performance.md."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,3 +30,19 @@ def bar_chart(bars: list[tuple[str, float]], path: Path, *, title: str, unit: st
         else:
             draw.text((label_w, y + 2), "not measured", fill="gray", font=font)
     img.save(path)
+
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
+
+
+def update_docs(block_name: str, text: str, path: Path = DOCS) -> None:
+    """Replace the text between `<!-- {block_name}:begin/end -->` (append the block if absent)."""
+    begin, end = f"<!-- {block_name}:begin -->", f"<!-- {block_name}:end -->"
+    block = f"{begin}\n{text}{end}"
+    doc = path.read_text() if path.exists() else ""
+    if begin in doc and end in doc:
+        doc = doc[: doc.index(begin)] + block + doc[doc.index(end) + len(end):]
+    else:
+        doc += f"\n{block}\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(doc)
