@@ -1,0 +1,91 @@
+"""Light checks of the benchmark scripts: roofline arithmetic by hand, attention correctness gate."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import _report  # noqa: E402
+import attention  # noqa: E402
+import roofline  # noqa: E402
+
+TINY = roofline.ModelConfig("tiny", layers=2, hidden=8, heads=2, kv_heads=1, head_dim=4, intermediate=16,
+                            head_params=80, embed_params=80, height=2, width=4, eol=False, prefix=1)
+
+
+def test_roofline_bytes_and_flops_match_hand_calculation():
+    # per layer: q 8*8 + o 8*8 + k 8*4 + v 8*4 = 192 attention, 3*8*16 = 384 MLP
+    assert TINY.layer_params == 576
+    assert TINY.streamed_params == 2 * 576 + 80
+    assert TINY.kv_bytes_per_token == 2 * 2 * 1 * 4 * 2  # K+V, layers, kv heads, D, bf16
+    # first AR step: 1 input per sequence, CFG = 2 sequences, 1 cached key (the prefix token)
+    step = roofline.ar_steps(TINY, 1)[0]
+    assert (step.tokens, step.keys, step.visible_keys) == (1, 1, 1)
+    nbytes, flops = roofline.step_cost(TINY, step)
+    weights, kv_read, kv_write, embed = 1232 * 2, 2 * 1 * 32, 2 * 32, 2 * 8 * 2
+    assert nbytes == weights + kv_read + kv_write + embed == 2624
+    # matmuls 2 * params * tokens; attention 4 * layers * heads * D * visible keys, per sequence
+    assert flops == 2 * 1232 * 2 + 2 * 4 * 2 * 2 * 4 * 1 == 5056
+    dev = roofline.Device("toy", bandwidth=1000.0, peak_flops=1000.0)
+    assert roofline.floor_seconds(TINY, [step], dev) == (pytest.approx(5.056), 1)  # compute-bound
+
+
+def test_roofline_pjd_schedule_hits_the_step_count():
+    steps, rate = roofline.pjd_steps(TINY, 3, context=1, window=3)
+    assert len(steps) == 3 and 0 < rate <= 4
+    assert all(s.tokens % 4 == 0 and s.tokens > 0 for s in steps)  # active rows x (window + 1)
+    assert max(s.tokens for s in steps) == 8  # both rows active at some step
+    row = roofline.analyse(TINY, compression=2.0, window=3, context=None)
+    assert row["pjd_steps"] == 4 and row["compression"] == pytest.approx(2.0)
+    for d in row["devices"].values():
+        assert d["pjd_floor_ms"] < d["ar_floor_ms"]
+
+
+def test_roofline_docs_block_is_replaced_not_appended(tmp_path):
+    doc = tmp_path / "performance.md"
+    doc.write_text("intro\n")
+    _report.update_docs("roofline", "first\n", doc)
+    _report.update_docs("roofline", "second\n", doc)
+    text = doc.read_text()
+    assert text.count("<!-- roofline:begin -->") == 1 and "second" in text and "first" not in text
+    assert text.startswith("intro\n")
+
+
+TINY_ATTN = attention.AttnModel("tiny", heads=4, kv_heads=2, head_dim=16, height=6, width=8, eol=True, prefix=5)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_attention_baselines_agree_with_pjd(rows):
+    case = attention.Case(TINY_ATTN, 0.5, rows)
+    x = attention.make_inputs(case, torch.device("cpu"), torch.float32)
+    run, skip = attention.variants(case, x, torch.device("cpu"))
+    assert {"pjd", "sdpa", "flex"} <= set(run) and "flash" in skip
+    errs = attention.check(case, x, run)
+    assert max(errs.values()) < 2e-4
+
+
+def test_attention_check_rejects_a_wrong_mask():
+    case = attention.Case(TINY_ATTN, 0.5, 3)
+    x = attention.make_inputs(case, torch.device("cpu"), torch.float32)
+    run, _ = attention.variants(case, x, torch.device("cpu"))
+    # plain causal attention lets a row see the other rows' drafts: the gate must catch it
+    run["causal"] = lambda x: torch.nn.functional.scaled_dot_product_attention(
+        x["q"], x["k"], x["v"], attn_mask=(x["k_pos"][:, None, :] <= x["q_pos"][:, :, None])[:, None],
+        enable_gqa=True)
+    with pytest.raises(RuntimeError, match="causal disagrees"):
+        attention.check(case, x, run)
+
+
+def test_single_row_step_is_left_padded_causal_as_flash_attention_sees_it():
+    """The flash variant (GPU only) relies on this: one row's step = bottom-right causal + left padding."""
+    case = attention.Case(attention.MODELS[0], 0.5, 1)
+    q_pos, q_group, k_pos, k_group = attention.build_metadata(case)
+    x = dict(k_group=k_group)
+    lead = attention.flash_leftpad(x)
+    assert lead.tolist() == [0, case.model.prefix // 2]
+    nq, nk = q_pos.shape[1], k_pos.shape[1]
+    j = torch.arange(nk)[None, None, :]
+    i = torch.arange(nq)[None, :, None]
+    flash_mask = (j <= nk - nq + i) & (j >= lead[:, None, None])
+    assert torch.equal(flash_mask, attention.visibility_mask(q_pos, q_group, k_pos, k_group))
