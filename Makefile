@@ -20,6 +20,6 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -n 2 -q tests
 
 bench: $(VENV)/.installed
-	$(PY) benchmarks/e2e.py
+	$(PY) benchmarks/run_all.py --out bench_out
 
 .PHONY: install demo test bench
