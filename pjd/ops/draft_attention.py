@@ -51,7 +51,7 @@ def _draft_attention_op(
 
 @_draft_attention_op.register_fake
 def _(q, k, v, q_pos, q_group, k_pos, k_group, scale, backend):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)  # contiguous, like both implementations
 
 
 def draft_attention(q, k, v, q_pos, q_group, k_pos, k_group, *, scale=None, backend="auto"):
@@ -84,7 +84,8 @@ def draft_attention(q, k, v, q_pos, q_group, k_pos, k_group, *, scale=None, back
     if Bk != B or Dk != D:
         raise ValueError(f"k must be [B={B}, Hkv, Nk, D={D}], got {list(k.shape)}")
     if Hkv == 0 or Hq % Hkv:
-        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
+        raise ValueError(f"q has {Hq} heads, not a multiple of k/v's {Hkv} heads (grouped-query attention "
+                         "needs Hq % Hkv == 0)")
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
             raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
