@@ -3,6 +3,14 @@
 Every op has a pure-torch reference (the specification), a Triton (or C++/CUDA) implementation,
 and a ``backend="auto" | "torch" | "triton"`` switch. Ops are registered with ``torch.library``.
 """
+from .compact_kv import compact_kv, compact_kv_backend, compact_kv_reference
 from .draft_attention import draft_attention, draft_attention_reference, visibility_mask
 
-__all__ = ["draft_attention", "draft_attention_reference", "visibility_mask"]
+__all__ = [
+    "compact_kv",
+    "compact_kv_backend",
+    "compact_kv_reference",
+    "draft_attention",
+    "draft_attention_reference",
+    "visibility_mask",
+]
