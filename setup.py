@@ -30,15 +30,26 @@ def native_extensions():
         print("pjd: torch not importable at build time; skipping the C++/CUDA extensions", file=sys.stderr)
         return [], {}
 
+    def warn_failed(name, err):
+        bar = "!" * 78
+        print(f"\n{bar}\npjd: building the optional extension {name} FAILED:\n  {err}\n"
+              f"pjd still works: ops fall back to pure torch (pjd.ops.compact_kv_backend).\n{bar}\n",
+              file=sys.stderr)
+
     class OptionalBuildExtension(BuildExtension):
+        # Any build failure degrades to the fallback: per extension (a compile or link error), or
+        # for all of them (BuildExtension's compiler checks run before any extension is built).
+        def build_extensions(self):
+            try:
+                super().build_extensions()
+            except Exception as err:  # noqa: BLE001
+                warn_failed(", ".join(ext.name for ext in self.extensions), err)
+
         def build_extension(self, ext):
             try:
                 super().build_extension(ext)
-            except Exception as err:  # noqa: BLE001 - any build failure degrades to the fallback
-                bar = "!" * 78
-                print(f"\n{bar}\npjd: building the optional extension {ext.name} FAILED:\n  {err}\n"
-                      f"pjd still works: ops fall back to pure torch (pjd.ops.compact_kv_backend).\n"
-                      f"{bar}\n", file=sys.stderr)
+            except Exception as err:  # noqa: BLE001
+                warn_failed(ext.name, err)
 
     flags = ["-O3", "-fopenmp"]  # OpenMP: at::parallel_for's pragmas run in torch's libgomp
     exts = [CppExtension("pjd._C", ["csrc/compact_kv_cpu.cpp"], extra_compile_args=flags,
@@ -46,8 +57,13 @@ def native_extensions():
     if torch.version.cuda or os.environ.get("PJD_FORCE_CUDA") == "1":
         arch = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
                 "-gencode=arch=compute_90,code=compute_90"]
-        exts.append(CUDAExtension("pjd._C_cuda", ["csrc/compact_kv_cuda.cpp", "csrc/compact_kv.cu"],
-                                  extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", *arch]}))
+        try:  # CUDAExtension itself raises without a CUDA toolkit (CUDA_HOME)
+            exts.append(CUDAExtension("pjd._C_cuda", ["csrc/compact_kv_cuda.cpp", "csrc/compact_kv.cu"],
+                                      extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", *arch]}))
+        except Exception as err:  # noqa: BLE001
+            warn_failed("pjd._C_cuda", err)
+    for ext in exts:
+        ext.optional = True  # setuptools then skips its missing output instead of failing the install
     return exts, {"build_ext": OptionalBuildExtension}
 
 
