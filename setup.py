@@ -4,12 +4,12 @@
 top-level `kernels` module: transformers probes for Hugging Face's package of that name).
 
 Native extensions (csrc/), both optional: pjd works without them through pure-torch fallbacks.
-- pjd._C: the schema and CPU kernel of pjd::compact_kv. Built on every install (~15 s).
+- pjd._C: the schema and CPU kernel of pjd::compact_kv. Built on every install (15-60 s).
 - pjd._C_cuda: its CUDA kernel. Built only where torch has CUDA (torch.version.cuda) or with
   PJD_FORCE_CUDA=1; it cannot be linked against a CPU-only torch.
-A failed extension build does not fail the install: it prints a loud warning and pjd falls back to
-torch for that op (pjd.ops.compact_kv_backend(device) says which implementation runs, and
-backend="native" raises with the reason). PJD_NO_EXT=1 skips both builds.
+A failed extension build does not fail the install: it prints a warning (pip shows it with -v)
+and pjd falls back to torch for that op (pjd.ops.compact_kv_backend(device) says which
+implementation runs; backend="native" raises with the reason). PJD_NO_EXT=1 skips both builds.
 """
 import os
 import sys
