@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 
-$(VENV)/.installed: setup.py constraints.txt
+$(VENV)/.installed: setup.py pyproject.toml constraints.txt $(wildcard csrc/*)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0 setuptools wheel ninja numpy
 	$(PY) -m pip install -q -c constraints.txt --no-build-isolation -e ".[test]"

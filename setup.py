@@ -2,10 +2,72 @@
 
 `pip install -e .` installs the package; `kernels/` is installed as `pjd.kernels` (never as a
 top-level `kernels` module: transformers probes for Hugging Face's package of that name).
+
+Native extensions (csrc/), both optional: pjd works without them through pure-torch fallbacks.
+- pjd._C: the schema and CPU kernel of pjd::compact_kv. Built on every install (15-60 s).
+- pjd._C_cuda: its CUDA kernel. Built only where torch has CUDA (torch.version.cuda) or with
+  PJD_FORCE_CUDA=1; it cannot be linked against a CPU-only torch.
+A failed extension build does not fail the install: it prints a warning (pip shows it with -v)
+and pjd falls back to torch for that op (pjd.ops.compact_kv_backend(device) says which
+implementation runs; backend="native" raises with the reason). PJD_NO_EXT=1 skips both builds.
 """
+import os
+import sys
+
 from setuptools import find_packages, setup
 
 packages = find_packages(include=["pjd", "pjd.*"]) + ["pjd.kernels"]
+
+
+def native_extensions():
+    """(ext_modules, cmdclass) for the optional C++/CUDA extensions; empty without torch."""
+    if os.environ.get("PJD_NO_EXT") == "1":
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    except ImportError:  # e.g. an isolated build without torch: pure-torch fallbacks only
+        print("pjd: torch not importable at build time; skipping the C++/CUDA extensions", file=sys.stderr)
+        return [], {}
+
+    def warn_failed(name, err):
+        bar = "!" * 78
+        print(f"\n{bar}\npjd: building the optional extension {name} FAILED:\n  {err}\n"
+              f"pjd still works: ops fall back to pure torch (pjd.ops.compact_kv_backend).\n{bar}\n",
+              file=sys.stderr)
+
+    class OptionalBuildExtension(BuildExtension):
+        # Any build failure degrades to the fallback: per extension (a compile or link error), or
+        # for all of them (BuildExtension's compiler checks run before any extension is built).
+        def build_extensions(self):
+            try:
+                super().build_extensions()
+            except Exception as err:  # noqa: BLE001
+                warn_failed(", ".join(ext.name for ext in self.extensions), err)
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as err:  # noqa: BLE001
+                warn_failed(ext.name, err)
+
+    flags = ["-O3", "-fopenmp"]  # OpenMP: at::parallel_for's pragmas run in torch's libgomp
+    exts = [CppExtension("pjd._C", ["csrc/compact_kv_cpu.cpp"], extra_compile_args=flags,
+                         extra_link_args=["-fopenmp"])]
+    if torch.version.cuda or os.environ.get("PJD_FORCE_CUDA") == "1":
+        arch = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+                "-gencode=arch=compute_90,code=compute_90"]
+        try:  # CUDAExtension itself raises without a CUDA toolkit (CUDA_HOME)
+            exts.append(CUDAExtension("pjd._C_cuda", ["csrc/compact_kv_cuda.cpp", "csrc/compact_kv.cu"],
+                                      extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", *arch]}))
+        except Exception as err:  # noqa: BLE001
+            warn_failed("pjd._C_cuda", err)
+    for ext in exts:
+        ext.optional = True  # setuptools then skips its missing output instead of failing the install
+    return exts, {"build_ext": OptionalBuildExtension}
+
+
+ext_modules, cmdclass = native_extensions()
 
 setup(
     name="pjd",
@@ -14,6 +76,8 @@ setup(
     packages=packages,
     package_dir={"pjd.kernels": "kernels"},
     package_data={"pjd.models": ["assets/*"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "transformers>=4.56", "numpy", "pillow", "safetensors", "tqdm"],
     extras_require={

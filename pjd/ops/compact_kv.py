@@ -1,0 +1,185 @@
+"""KV-cache compaction after rejections (append layout, DESIGN.md §2), all layers in one call.
+
+Each step appends the K/V of its inputs at the tail of the cache; after verification the rejected
+entries are dropped and the kept ones moved together, per sample (ragged). Implementations:
+- ``cuda``: one CUDA launch for every tensor of every layer (csrc/compact_kv.cu, extension
+  ``pjd._C_cuda``; built where torch has CUDA),
+- ``cpp``: the C++ CPU op (csrc/compact_kv_cpu.cpp, extension ``pjd._C``; built on install),
+- ``torch``: the pure-torch fallback below, one gather + scatter per tensor.
+The extensions are imported lazily on first use and never required: without them, "auto" runs
+the torch fallback. ``compact_kv_backend(device)`` says which one "auto" picks.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Sequence
+
+import torch
+
+BACKENDS = ("auto", "torch", "native")
+_NATIVE_NAME = {"cpu": "cpp", "cuda": "cuda"}
+
+
+def compact_kv_reference(caches, keep, tail_start, dst_start, meta=()) -> torch.Tensor:
+    """Pure-torch compaction (the fallback): per tensor, gather the kept tail rows, scatter them.
+
+    The gather copies the sources before the scatter writes, so overlapping ranges are safe.
+    """
+    rank = keep.cumsum(1) - 1  # rank of each entry among its sample's kept entries
+    b_idx, t_idx = keep.nonzero(as_tuple=True)  # kept entries, sample-major, t increasing
+    dst = dst_start.long()[b_idx] + rank[b_idx, t_idx]
+    src = t_idx + tail_start
+    for x in caches:
+        x[b_idx, :, dst] = x[b_idx, :, src]
+    for m in meta:
+        m[b_idx, dst] = m[b_idx, src]
+    return dst_start + keep.sum(1, dtype=torch.int32)
+
+
+@torch.library.custom_op("pjd::compact_kv_torch", mutates_args=("caches", "meta"))
+def _compact_kv_torch(
+    caches: list[torch.Tensor], keep: torch.Tensor, tail_start: int, dst_start: torch.Tensor,
+    meta: list[torch.Tensor],
+) -> torch.Tensor:
+    return compact_kv_reference(caches, keep, tail_start, dst_start, meta)
+
+
+def _fake_new_lengths(caches, keep, tail_start, dst_start, meta):
+    return torch.empty_like(dst_start)
+
+
+_compact_kv_torch.register_fake(_fake_new_lengths)
+
+
+@functools.cache
+def _native_unavailable(device_type: str) -> str | None:
+    """Import the extension serving ``device_type`` once. None if it loaded, else the reason."""
+    if device_type not in _NATIVE_NAME:
+        return f"there is no native compact_kv for {device_type} tensors"
+    try:
+        # pjd._C defines the op schema (and the CPU kernel); pjd._C_cuda adds the CUDA kernel.
+        importlib.import_module("pjd._C")
+        if device_type == "cuda":
+            importlib.import_module("pjd._C_cuda")
+    except (ImportError, OSError) as err:
+        return f"the extension is not available ({type(err).__name__}: {err})"
+    _register_native_fake()
+    return None
+
+
+@functools.cache
+def _register_native_fake() -> None:
+    # The C++ schema names this module (m.set_python_module) as the home of its fake kernel.
+    torch.library.register_fake("pjd::compact_kv")(_fake_new_lengths)
+
+
+def compact_kv_backend(device) -> str:
+    """The implementation ``backend="auto"`` runs for tensors on ``device``: "cuda", "cpp" or "torch"."""
+    device = torch.device(device)
+    return "torch" if _native_unavailable(device.type) else _NATIVE_NAME[device.type]
+
+
+def _check_tensor(name: str, t, device: torch.device | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device} (the device of caches[0])")
+
+
+def _check_list(name: str, tensors) -> list[torch.Tensor]:
+    if isinstance(tensors, torch.Tensor) or not isinstance(tensors, Sequence):
+        raise TypeError(f"{name} must be a list or tuple of tensors, got {type(tensors).__name__}")
+    return list(tensors)
+
+
+def _check_args(caches, keep, tail_start, dst_start, meta):
+    caches = _check_list("caches", caches)
+    meta = _check_list("meta", meta)
+    if not caches:
+        raise ValueError("caches must hold at least one [B, H, S, D] tensor")
+    _check_tensor("caches[0]", caches[0])
+    x0 = caches[0]
+    if x0.dim() != 4 or x0.shape[1] == 0 or x0.shape[3] == 0:
+        raise ValueError(f"caches[0] must be [B, H, S, D] with H, D >= 1, got shape {list(x0.shape)}")
+    B, _, S, _ = x0.shape
+    for i, x in enumerate(caches):
+        _check_tensor(f"caches[{i}]", x, x0.device)
+        if x.shape != x0.shape:
+            raise ValueError(f"caches[{i}] has shape {list(x.shape)}, caches[0] has {list(x0.shape)}")
+        if x.dtype != x0.dtype:
+            raise TypeError(f"caches[{i}] is {x.dtype}, caches[0] is {x0.dtype}: all caches share a dtype")
+        if not x.is_contiguous():
+            raise ValueError(f"caches[{i}] must be contiguous (it is compacted in place)")
+    _check_tensor("keep", keep, x0.device)
+    if keep.dtype != torch.bool:
+        raise TypeError(f"keep must be bool, got {keep.dtype}")
+    if keep.dim() != 2 or keep.shape[0] != B:
+        raise ValueError(f"keep must be [B={B}, T], got shape {list(keep.shape)}")
+    if not isinstance(tail_start, int) or isinstance(tail_start, bool):
+        raise TypeError(f"tail_start must be a python int, got {type(tail_start).__name__}")
+    if tail_start < 0 or tail_start + keep.shape[1] > S:
+        raise ValueError(f"need 0 <= tail_start and tail_start + T <= S, got tail_start={tail_start}, "
+                         f"T={keep.shape[1]}, S={S}")
+    _check_tensor("dst_start", dst_start, x0.device)
+    if dst_start.dtype != torch.int32:
+        raise TypeError(f"dst_start must be int32, got {dst_start.dtype}")
+    if tuple(dst_start.shape) != (B,):
+        raise ValueError(f"dst_start must be [B={B}], got shape {list(dst_start.shape)}")
+    for i, m in enumerate(meta):
+        _check_tensor(f"meta[{i}]", m, x0.device)
+        if tuple(m.shape) != (B, S):
+            raise ValueError(f"meta[{i}] must be [B={B}, S={S}], got shape {list(m.shape)}")
+        if not m.is_contiguous():
+            raise ValueError(f"meta[{i}] must be contiguous (it is compacted in place)")
+    return caches, meta
+
+
+def compact_kv(caches, keep, tail_start, dst_start, *, meta=(), backend="auto") -> torch.Tensor:
+    """Compact the appended tail of a KV cache in place: drop rejected entries, close the gaps.
+
+    Per sample b, with ``idx`` the indices t where ``keep[b, t]`` in increasing order, for
+    ``i, t in enumerate(idx)``::
+
+        X[b, :, dst_start[b] + i] = old X[b, :, tail_start + t]    # every X in caches
+        m[b, dst_start[b] + i] = old m[b, tail_start + t]          # every m in meta
+
+    Source and destination ranges may overlap. Nothing else is written: entries past the new end
+    keep their old contents (the caller marks them empty).
+
+    Args:
+        caches: list/tuple of contiguous ``[B, H, S, D]`` tensors of one shape, dtype and device,
+            typically K and V of every layer ``[k0, v0, k1, v1, ...]``. Mutated in place; they must
+            not alias one another.
+        keep: bool ``[B, T]``: which entries of the tail ``[tail_start, tail_start + T)`` survive
+            (ragged: any number per sample).
+        tail_start: python int, ``0 <= tail_start`` and ``tail_start + T <= S``.
+        dst_start: int32 ``[B]``: where sample b's kept entries go, ``0 <= dst_start[b] <= tail_start``.
+            Checked on CPU tensors and on the torch backend; the CUDA op never reads it on the host
+            (no synchronisation): a sample with an out-of-range value is left untouched and gets
+            ``new_lengths[b] = -1``.
+        meta: list/tuple of contiguous ``[B, S]`` tensors (any dtype, e.g. int32 positions and
+            groups), compacted with the same keep lists. Mutated in place.
+        backend: "auto" (the native op where its extension is built for the device, else torch),
+            "torch" (pure-torch fallback) or "native" (C++ CPU op / CUDA op; RuntimeError if it is
+            not built). ``compact_kv_backend(device)`` returns what "auto" runs:
+            "cuda", "cpp" or "torch".
+
+    Returns:
+        int32 ``[B]`` on the device of caches: ``new_lengths = dst_start + keep.sum(1)``.
+    """
+    caches, meta = _check_args(caches, keep, tail_start, dst_start, meta)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    device = caches[0].device
+    unavailable = _native_unavailable(device.type)
+    if backend == "native" and unavailable:
+        raise RuntimeError(f"backend='native': {unavailable}. Rebuild with "
+                           "`pip install --no-build-isolation -e .`, or use backend='torch'")
+    use_native = backend == "native" or (backend == "auto" and not unavailable)
+    if (device.type == "cpu" or not use_native) and not torch.compiler.is_compiling():
+        # The CUDA op skips this host read (it would synchronise); see dst_start above.
+        if bool(((dst_start < 0) | (dst_start > tail_start)).any()):
+            raise ValueError(f"dst_start must lie in [0, tail_start={tail_start}], got {dst_start.tolist()}")
+    op = torch.ops.pjd.compact_kv if use_native else _compact_kv_torch
+    return op(caches, keep, tail_start, dst_start, meta)

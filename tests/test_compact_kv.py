@@ -1,0 +1,208 @@
+"""pjd.ops.compact_kv: every implementation equals the contract written as a per-sample Python loop."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pjd.ops import compact_kv, compact_kv_backend
+from pjd.ops.compact_kv import _native_unavailable
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def loop_reference(caches, keep, tail_start, dst_start, meta):
+    """The contract, literally: for each sample, the i-th kept tail entry goes to dst_start[b] + i."""
+    old = [x.clone() for x in caches]
+    old_meta = [m.clone() for m in meta]
+    caches = [x.clone() for x in caches]
+    meta = [m.clone() for m in meta]
+    new_lengths = []
+    for b in range(keep.shape[0]):
+        i = 0
+        for t in range(keep.shape[1]):
+            if keep[b, t]:
+                dst, src = int(dst_start[b]) + i, tail_start + t
+                for x, x_old in zip(caches, old):
+                    x[b, :, dst] = x_old[b, :, src]
+                for m, m_old in zip(meta, old_meta):
+                    m[b, dst] = m_old[b, src]
+                i += 1
+        new_lengths.append(int(dst_start[b]) + i)
+    return caches, meta, torch.tensor(new_lengths, dtype=torch.int32)
+
+
+def random_case(B, H, S, D, T, tail_start, dst_mode, layers, dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    if dtype.is_floating_point:
+        caches = [torch.randn(B, H, S, D, generator=g).to(dtype) for _ in range(2 * layers)]
+    else:
+        caches = [torch.randint(-100, 100, (B, H, S, D), generator=g).to(dtype) for _ in range(2 * layers)]
+    # Per-sample keep rate: some samples keep nothing, some everything, the rest are ragged.
+    rates = torch.tensor([0.0, 1.0, 0.5, 0.3, 0.8])[torch.randperm(5, generator=g)[:B]]
+    keep = torch.rand(B, T, generator=g) < rates[:, None]
+    if dst_mode == "equal":  # nothing rejected before the tail: kept entries stay or shift inside it
+        dst = torch.full((B,), tail_start)
+    elif dst_mode == "near":  # overlapping source and destination ranges
+        dst = (tail_start - torch.randint(0, 4, (B,), generator=g)).clamp(min=0)
+    else:  # "far": the kept entries move a long way down
+        dst = torch.randint(0, max(1, tail_start // 3), (B,), generator=g)
+    positions = torch.randint(0, 10_000, (B, S), generator=g, dtype=torch.int32)
+    groups = torch.randint(-2, 8, (B, S), generator=g, dtype=torch.int32)
+    wide = torch.randint(-(2**40), 2**40, (B, S), generator=g, dtype=torch.int64)
+    move = lambda t: t.to(device)  # noqa: E731
+    return ([move(x) for x in caches], move(keep), tail_start, move(dst.to(torch.int32)),
+            [move(positions), move(groups), move(wide)])
+
+
+CASES = [  # B, H, S, D, T, tail_start, dst_mode, layers
+    (1, 1, 8, 1, 3, 5, "equal", 1),
+    (2, 4, 40, 16, 10, 25, "near", 2),
+    (3, 2, 67, 7, 13, 50, "far", 3),
+    (3, 5, 140, 128, 60, 70, "near", 2),  # big enough for the CPU op to split across threads
+    (2, 3, 30, 3, 30, 0, "equal", 1),  # the whole cache is the tail
+    (2, 2, 16, 8, 0, 9, "far", 1),  # empty tail
+    (3, 1, 300, 5, 101, 199, "far", 2),  # tail ends at S; rows of 5 elements (unaligned)
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=[f"B{c[0]}H{c[1]}S{c[2]}D{c[3]}T{c[4]}-{c[6]}" for c in CASES])
+def test_matches_loop_reference(case, dtype, backend, device):
+    caches, keep, tail_start, dst_start, meta = random_case(*case, dtype, device, seed=CASES.index(case))
+    want_caches, want_meta, want_lengths = loop_reference(caches, keep, tail_start, dst_start, meta)
+    keep_before, dst_before = keep.clone(), dst_start.clone()
+
+    new_lengths = compact_kv(caches, keep, tail_start, dst_start, meta=meta, backend=backend)
+
+    assert new_lengths.dtype == torch.int32 and new_lengths.device == caches[0].device
+    assert torch.equal(new_lengths.cpu(), want_lengths)
+    for i, (got, want) in enumerate(zip(caches + meta, want_caches + want_meta)):
+        assert torch.equal(got, want), f"tensor {i} differs from the loop reference"
+    assert torch.equal(keep, keep_before) and torch.equal(dst_start, dst_before)
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int32, torch.float64], ids=str)
+def test_other_element_sizes(dtype, backend):
+    caches, keep, tail_start, dst_start, meta = random_case(2, 3, 50, 5, 17, 30, "near", 2, dtype, "cpu", 7)
+    want_caches, want_meta, want_lengths = loop_reference(caches, keep, tail_start, dst_start, meta)
+    new_lengths = compact_kv(caches, keep, tail_start, dst_start, meta=meta, backend=backend)
+    assert torch.equal(new_lengths, want_lengths)
+    assert all(torch.equal(got, want) for got, want in zip(caches + meta, want_caches + want_meta))
+
+
+def test_cpu_extension_is_built():
+    # The install builds pjd._C; if this fails, see the "pjd: building the optional extension" warning.
+    assert compact_kv_backend(torch.device("cpu")) == "cpp", _native_unavailable("cpu")
+    assert compact_kv_backend("cpu") == "cpp"
+
+
+def test_backend_report_without_native_device():
+    assert compact_kv_backend("meta") == "torch"
+    if not torch.cuda.is_available():
+        assert compact_kv_backend("cuda") == "torch"
+
+
+@pytest.mark.parametrize("op", ["pjd::compact_kv", "pjd::compact_kv_torch"])
+def test_opcheck(op):
+    """Schema (in-place mutation of caches and meta only), fake kernel, AOT dispatch."""
+    compact_kv_backend("cpu")  # loads pjd._C (and registers its fake kernel)
+    caches, keep, tail_start, dst_start, meta = random_case(2, 2, 20, 4, 6, 12, "near", 1, torch.float32, "cpu", 3)
+    packet = getattr(torch.ops.pjd, op.split("::")[1])
+    torch.library.opcheck(packet.default, (caches, keep, tail_start, dst_start, meta))
+
+
+def _valid():
+    return random_case(2, 2, 20, 4, 6, 12, "near", 1, torch.float32, "cpu", 5)
+
+
+def _set(i, value):
+    def edit(args):
+        args = list(args)
+        args[i] = value(args) if callable(value) else value
+        return args
+    return edit
+
+
+def _set_cache(j, value):
+    return _set(0, lambda a: [value(x) if k == j else x for k, x in enumerate(a[0])])
+
+
+BAD_INPUTS = [  # edit of (caches, keep, tail_start, dst_start, meta), error, message
+    (_set(0, lambda a: a[0][0]), TypeError, "caches must be a list"),
+    (_set(0, []), ValueError, "caches must hold at least one"),
+    (_set(0, lambda a: [a[0][0], "k"]), TypeError, r"caches\[1\] must be a torch.Tensor"),
+    (_set_cache(0, lambda x: x[0]), ValueError, r"caches\[0\] must be \[B, H, S, D\]"),
+    (_set_cache(0, lambda x: x[:, :0]), ValueError, r"caches\[0\] must be \[B, H, S, D\] with H, D >= 1"),
+    (_set_cache(1, lambda x: x[:, :, :-1]), ValueError, r"caches\[1\] has shape"),
+    (_set_cache(1, lambda x: x.half()), TypeError, r"caches\[1\] is torch.float16"),
+    (_set_cache(1, lambda x: x.transpose(1, 2).contiguous().transpose(1, 2)), ValueError,
+     r"caches\[1\] must be contiguous"),
+    (_set(1, lambda a: a[1].to(torch.uint8)), TypeError, "keep must be bool"),
+    (_set(1, lambda a: a[1][:1]), ValueError, r"keep must be \[B=2, T\]"),
+    (_set(1, lambda a: a[1].to("meta")), ValueError, "keep is on meta"),
+    (_set(2, 12.0), TypeError, "tail_start must be a python int"),
+    (_set(2, torch.tensor(12)), TypeError, "tail_start must be a python int"),
+    (_set(2, 15), ValueError, "tail_start \\+ T <= S"),
+    (_set(2, -1), ValueError, "0 <= tail_start"),
+    (_set(3, lambda a: a[3].long()), TypeError, "dst_start must be int32"),
+    (_set(3, lambda a: a[3][:1]), ValueError, r"dst_start must be \[B=2\]"),
+    (_set(3, torch.tensor([12, 13], dtype=torch.int32)), ValueError, r"dst_start must lie in \[0, tail_start=12\]"),
+    (_set(3, torch.tensor([-1, 3], dtype=torch.int32)), ValueError, r"dst_start must lie in"),
+    (_set(4, lambda a: a[4][0]), TypeError, "meta must be a list"),
+    (_set(4, lambda a: [a[4][0][:, :-1]]), ValueError, r"meta\[0\] must be \[B=2, S=20\]"),
+    (_set(4, lambda a: [a[4][0], a[4][1].t().contiguous().t()]), ValueError, r"meta\[1\] must be contiguous"),
+]
+
+
+@pytest.mark.parametrize("backend", ["auto", "native", "torch"])
+@pytest.mark.parametrize("edit,error,message", BAD_INPUTS)
+def test_bad_inputs(edit, error, message, backend):
+    args = edit(_valid())
+    with pytest.raises(error, match=message):
+        compact_kv(*args[:4], meta=args[4], backend=backend)
+
+
+def test_bad_backend():
+    caches, keep, tail_start, dst_start, meta = _valid()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        compact_kv(caches, keep, tail_start, dst_start, meta=meta, backend="triton")
+
+
+@pytest.mark.parametrize("edit,message", [
+    (_set_cache(1, lambda x: x.transpose(1, 2).contiguous().transpose(1, 2)), r"caches\[1\] must be contiguous"),
+    (_set(3, torch.tensor([3, 13], dtype=torch.int32)), r"dst_start\[1\] = 13 is outside \[0, tail_start=12\]"),
+    (_set(2, 15), "tail_start \\+ T <= S"),
+])
+def test_cpp_op_checks_its_arguments(edit, message):
+    """Direct torch.ops calls skip the Python wrapper; the C++ op must still refuse bad input."""
+    compact_kv_backend("cpu")
+    with pytest.raises(ValueError, match=message):
+        torch.ops.pjd.compact_kv(*edit(_valid()))
+
+
+def test_works_without_the_extension():
+    """pjd imports and compacts through the torch fallback when pjd._C cannot be imported."""
+    code = """
+import sys
+sys.modules["pjd._C"] = None  # any `import pjd._C` now raises ImportError
+import torch, pjd
+assert pjd.ops.compact_kv_backend("cpu") == "torch"
+caches = [torch.arange(24.0).reshape(1, 1, 8, 3)]
+keep = torch.tensor([[True, False, True]])
+n = pjd.ops.compact_kv(caches, keep, 5, torch.tensor([4], dtype=torch.int32))
+assert n.tolist() == [6], n
+assert caches[0][0, 0, 4:6, 0].tolist() == [15.0, 21.0], caches[0]
+try:
+    pjd.ops.compact_kv(caches, keep, 5, torch.tensor([4], dtype=torch.int32), backend="native")
+except RuntimeError as err:
+    assert "not available" in str(err), err
+else:
+    raise AssertionError("backend='native' must fail without the extension")
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
