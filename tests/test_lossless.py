@@ -56,6 +56,7 @@ def chi_square_pvalue(samples, grids, expected_probs):
     small = expected < 5  # merge rare outcomes into one bin
     obs = torch.cat([observed[~small], observed[small].sum()[None]])
     exp = torch.cat([expected[~small], expected[small].sum()[None]])
+    obs, exp = obs[exp > 0], exp[exp > 0]
     stat = ((obs - exp) ** 2 / exp).sum()
     dof = len(obs) - 1
     return float(torch.special.gammaincc(torch.tensor(dof / 2.0), stat / 2.0)), dof
@@ -86,5 +87,6 @@ def test_samples_follow_exact_ar_distribution(model, method, kw):
         out = pjd.generate(model, ids, height=H, width=W, method=method, image_token_range=IMAGE, seed=1234, **kw)
     pvalue, dof = chi_square_pvalue(out.tokens, grids, exact)
     assert pvalue > 1e-3, f"{method} {kw}: chi-square p={pvalue:.2e} over {dof} dof"
-    if method != "ar":
-        assert out.steps < H * W + (H - 1) * ("eol_token_id" in kw)  # drafts were accepted
+    ar_steps = H * W + (H - 1) * ("eol_token_id" in kw)
+    mean_steps = out.steps_per_image.double().mean()
+    assert (mean_steps < ar_steps - 0.5) if method != "ar" else (mean_steps == ar_steps)  # drafts accepted
