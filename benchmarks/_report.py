@@ -46,3 +46,45 @@ def update_docs(block_name: str, text: str, path: Path = DOCS) -> None:
         doc += f"\n{block}\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(doc)
+
+
+def line_chart(series: dict[str, list[tuple[float, float]]], path: Path, *, title: str, xlabel: str,
+               ylabel: str, log_x: bool = False) -> None:
+    """One polyline with markers per named series of (x, y) points, axes with min/max ticks."""
+    import math
+
+    font = ImageFont.load_default()
+    width, height, left, right, top, bottom = 560, 340, 60, 130, 30, 40
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((left, 8), title, fill="black", font=font)
+    points = [p for pts in series.values() for p in pts if p[1] == p[1]]
+    fx = (lambda x: math.log2(x)) if log_x else (lambda x: x)
+    xs, ys = [fx(p[0]) for p in points], [p[1] for p in points]
+    x0, x1 = min(xs), max(xs)
+    y0, y1 = min(0.0, min(ys)), max(ys) * 1.08 or 1.0
+    x1 = x1 if x1 > x0 else x0 + 1
+
+    def to_px(x, y):
+        return (left + (fx(x) - x0) / (x1 - x0) * (width - left - right),
+                height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom))
+
+    draw.line([(left, top), (left, height - bottom), (width - right, height - bottom)], fill="black")
+    for value in sorted({p[0] for p in points}):
+        px, _ = to_px(value, y0)
+        draw.text((px - 6, height - bottom + 4), f"{value:g}", fill="black", font=font)
+    for frac in (0.0, 0.5, 1.0):
+        y = y0 + frac * (y1 - y0)
+        _, py = to_px(x0 if not log_x else 2 ** x0, y)
+        draw.text((4, py - 6), f"{y:.3g}", fill="black", font=font)
+    draw.text((left + 150, height - 16), xlabel, fill="black", font=font)
+    draw.text((4, top - 18), ylabel, fill="black", font=font)
+    for i, (name, pts) in enumerate(series.items()):
+        color = PALETTE[i % len(PALETTE)]
+        pix = [to_px(x, y) for x, y in pts if y == y]
+        if len(pix) > 1:
+            draw.line(pix, fill=color, width=2)
+        for px, py in pix:
+            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=color)
+        draw.text((width - right + 10, top + 14 * i), name, fill=color, font=font)
+    img.save(path)

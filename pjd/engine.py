@@ -21,6 +21,7 @@ import torch
 
 from pjd.cache import HIDDEN_POS, ActiveStep, AppendCache, SlotCache, StepInputs
 from pjd.models.base import adapter_for
+from pjd.ops._backend import resolve_backend
 from pjd.ops.speculative_verify import PREFIX, TOP, speculative_verify
 from pjd.plan import DecodePlan, check_tensor, make_plan
 
@@ -82,6 +83,7 @@ def generate(model, input_ids, *, height, width, method="pjd", window=None, cont
                      image_token_range=image_token_range, eol_token_id=eol_token_id, draft_init=draft_init,
                      reuse_threshold=reuse_threshold, cache=cache, vocab_size=adapter.vocab_size,
                      row_causal=row_causal)
+    resolve_backend(backend, adapter.device)  # fail before any work if the backend cannot run here
     if generator is not None and seed is not None:
         raise ValueError("pass either generator or seed, not both")
     if generator is None:

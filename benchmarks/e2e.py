@@ -1,0 +1,170 @@
+"""End-to-end decoding benchmark: steps, step compression, wall time, orchestration overhead, quality.
+
+Sections (each prints a table; everything is saved as JSON, plus PNG plots):
+  methods   ar / sjd / sjd++ / zipar / pjd at their defaults
+  context   pjd and zipar over the row-activation context c (step compression and quality vs c)
+  window    pjd over the draft window
+  topk      pjd vs ar over top-k
+  cfg       pjd vs ar over the CFG scale
+  ablation  pjd with and without the row-causal mask
+Quality: mean NLL per token of the samples under the model itself (teacher-forced) and, for batches
+of >= 16 images, a Fréchet distance to held-out real crops (see docs/default_model.md).
+
+Usage: python benchmarks/e2e.py [--model default|tiny] [--batch 16] [--sections methods,context]
+       [--out bench_out/e2e] [--docs]      (--docs also refreshes docs/e2e/ and docs/performance.md)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+import pjd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import line_chart, update_docs  # noqa: E402
+
+SECTIONS = ("methods", "context", "window", "topk", "cfg", "ablation")
+DOCS_DIR = Path(__file__).resolve().parent.parent / "docs" / "e2e"
+
+
+class Bench:
+    def __init__(self, model_name: str, batch: int, seed: int, cfg_scale: float):
+        if model_name == "default":
+            from pjd.models import default
+
+            dm = default()
+            self.model, self.height, self.width = dm.model, dm.height, dm.width
+            self.image_range = dm.image_token_range
+            self.prompt = dm.prompt(torch.arange(batch) % len(dm.class_names))
+            self.null = dm.null_prompt(batch)
+            self.decode = dm.decode
+        else:  # tiny random-weight model: exercises the code, says nothing about acceptance
+            from pjd.models import tiny_llama
+
+            self.model = tiny_llama(264, hidden_size=64, logit_scale=3.0)
+            self.height = self.width = 16
+            self.image_range = (0, 256)
+            self.prompt = torch.randint(256, 263, (batch, 1), generator=torch.Generator().manual_seed(seed))
+            self.null = torch.full((batch, 1), 263)
+            self.decode = None
+        self.batch, self.seed, self.cfg_scale = batch, seed, cfg_scale
+        self.real = None
+
+    def run(self, method: str, **kw) -> dict:
+        from pjd.quality import frechet_distance, nll_per_token
+
+        cfg = kw.pop("cfg_scale", self.cfg_scale)
+        with torch.no_grad():
+            r = pjd.generate(self.model, self.prompt, height=self.height, width=self.width, method=method,
+                             image_token_range=self.image_range, cfg_scale=cfg,
+                             uncond_input_ids=self.null if cfg != 1 else None, seed=self.seed, **kw)
+        nll = nll_per_token(self.model, r.tokens, self.prompt, image_token_range=self.image_range)
+        row = dict(method=method, **{k: v for k, v in kw.items()}, cfg_scale=cfg, steps=r.steps,
+                   step_compression=self.height * self.width / r.steps, seconds=r.wall_seconds,
+                   forward_seconds=r.forward_seconds, overhead_share=1 - r.forward_seconds / r.wall_seconds,
+                   nll_per_token=float(nll.mean()),
+                   accepted_per_step=torch.stack(r.accepted).double().mean(1).tolist())
+        if self.decode is not None and self.batch >= 16:
+            if self.real is None:
+                from pjd.models.data import heldout_crops
+
+                self.real = torch.from_numpy(heldout_crops(512, seed=self.seed)[0])
+            row["frechet_distance"] = frechet_distance(self.decode(r.tokens), self.real)
+        return row
+
+
+def table(title: str, rows: list[dict], keys: list[str]) -> str:
+    lines = [f"\n### {title}", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for r in rows:
+        cells = []
+        for k in keys:
+            v = r.get(k)
+            cells.append(f"{v:.3f}" if isinstance(v, float) else ("-" if v is None else str(v)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", choices=["default", "tiny"], default="default")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cfg-scale", type=float, default=3.0)
+    p.add_argument("--sections", default=",".join(SECTIONS))
+    p.add_argument("--out", default="bench_out")
+    p.add_argument("--docs", action="store_true", help="copy plots to docs/e2e and refresh docs/performance.md")
+    args = p.parse_args(argv)
+    sections = [s for s in args.sections.split(",") if s]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        p.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
+    out = Path(args.out) / "e2e"
+    out.mkdir(parents=True, exist_ok=True)
+    device = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    bench = Bench(args.model, args.batch, args.seed, args.cfg_scale)
+    w = bench.width
+    contexts = sorted({1, 2, max(1, w // 8), max(1, w // 4), max(1, w // 2), w})
+    report = dict(device=device, model=args.model, batch=args.batch, seed=args.seed, cfg_scale=args.cfg_scale,
+                  grid=f"{bench.height}x{w}", sections={})
+    text = (f"Command: `python benchmarks/e2e.py --model {args.model} --batch {args.batch} --sections "
+            f"{','.join(sections)}`; device: {device}; grid {bench.height}x{w}, batch {args.batch}, "
+            f"CFG {args.cfg_scale}, seed {args.seed}. `compression` = AR steps / steps (batch forward passes).\n")
+    cols = ["method", "steps", "step_compression", "seconds", "overhead_share", "nll_per_token", "frechet_distance"]
+
+    def section(name, rows, keys, title):
+        nonlocal text
+        report["sections"][name] = rows
+        t = table(title, rows, keys)
+        print(t, flush=True)
+        text += t
+
+    if "methods" in sections:
+        rows = [bench.run(m) for m in ("ar", "sjd", "sjd++", "zipar", "pjd")]
+        for r in rows:
+            r["speedup"] = rows[0]["seconds"] / r["seconds"]
+        section("methods", rows, cols[:4] + ["speedup"] + cols[4:], "Methods at their defaults")
+        pjd_row = rows[-1]
+        line_chart({"pjd": list(enumerate(pjd_row["accepted_per_step"], 1)),
+                    "sjd": list(enumerate(rows[1]["accepted_per_step"], 1))},
+                   out / "acceptance_per_step.png", title="image tokens committed per step (mean over batch)",
+                   xlabel="step", ylabel="tokens")
+    if "context" in sections:
+        rows = [bench.run(m, context=c) for c in contexts for m in ("pjd", "zipar")]
+        section("context", rows, ["method", "context"] + cols[1:], "Row-activation context c")
+        for key, name, label in (("step_compression", "compression_vs_context.png", "step compression"),
+                                 ("nll_per_token", "quality_vs_context.png", "NLL / token")):
+            line_chart({m: [(r["context"], r[key]) for r in rows if r["method"] == m] for m in ("pjd", "zipar")},
+                       out / name, title=f"{label} vs context c ({bench.height}x{w})", xlabel="context c",
+                       ylabel=label, log_x=True)
+    if "window" in sections:
+        section("window", [bench.run("pjd", window=k) for k in (1, 3, 7, 11, 15)], ["method", "window"] + cols[1:],
+                "pjd draft window")
+    if "topk" in sections:
+        section("topk", [bench.run(m, top_k=k) for k in (0, 64, 8) for m in ("ar", "pjd")],
+                ["method", "top_k"] + cols[1:], "top-k")
+    if "cfg" in sections:
+        section("cfg", [bench.run(m, cfg_scale=s) for s in (1.0, 3.0, 5.0) for m in ("ar", "pjd")],
+                ["method", "cfg_scale"] + cols[1:], "CFG scale")
+    if "ablation" in sections:
+        section("ablation", [bench.run("pjd", context=c, row_causal=rc) for c in (contexts[1], max(1, w // 4))
+                             for rc in (True, False)], ["method", "context", "row_causal"] + cols[1:],
+                "Row-causal mask ablation")
+
+    (out / "e2e.json").write_text(json.dumps(report, indent=2))
+    print(f"\ndevice: {device}; wrote {out}/e2e.json and plots")
+    if args.docs:
+        DOCS_DIR.mkdir(parents=True, exist_ok=True)
+        for png in out.glob("*.png"):
+            shutil.copy(png, DOCS_DIR / png.name)
+        update_docs("e2e", text)
+    return report
+
+
+if __name__ == "__main__":
+    main()
