@@ -82,7 +82,9 @@ setup(
     install_requires=["torch>=2.4", "transformers>=4.56", "numpy", "pillow", "safetensors", "tqdm"],
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["pytest", "pytest-xdist", "ninja", "triton>=3.0"],
+        # The default model's training data and held-out crops come from photos in the scikit-image wheel.
+        "data": ["scikit-image"],
+        "test": ["pytest", "pytest-xdist", "ninja", "triton>=3.0", "scikit-image"],
     },
     entry_points={"console_scripts": ["pjd=pjd.cli:main"]},
 )
