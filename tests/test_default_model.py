@@ -137,7 +137,7 @@ def test_nll_per_token_matches_position_by_position_loop():
     config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     model = LlamaForCausalLM(config).eval()
-    tokens = torch.randint(lo, hi, (2, 3, 5))
+    tokens = torch.randint(lo, hi, (2, 2, 3))
     prompt = torch.randint(hi, vocab, (2, 2))
     got = nll_per_token(model, tokens, prompt, image_token_range=(lo, hi))
     flat = tokens.reshape(2, -1)

@@ -159,7 +159,8 @@ def main(argv=None) -> None:
         "image_token_range": [0, k], "null_class_id": null_id,
         "training": {
             "command": " ".join(["python -m pjd.models.train", *(sys.argv[1:] if argv is None else argv)]),
-            "args": {key: str(v) if isinstance(v, Path) else v for key, v in vars(args).items()},
+            # Paths are machine-specific; the command line above has them if they were given.
+            "args": {key: v for key, v in vars(args).items() if key not in ("out", "log", "no_save")},
             "parameters": n_params, "seconds": round(train_seconds), "final_train_loss_ema": round(ema, 4),
             "heldout_nll_per_token": round(nll, 4), "unigram_nll_per_token": round(base, 4),
             "eval_crops": args.eval_crops,
