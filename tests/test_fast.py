@@ -1,4 +1,5 @@
 """pjd.fast: the "pjd" attention implementation is SDPA outside decoding, loads, and patches exactly."""
+import copy
 import warnings
 
 import pytest
@@ -18,7 +19,8 @@ def llama():
 
 def twin(model):
     """The same weights loaded with attn_implementation="pjd" (from_config path)."""
-    other = type(model)._from_config(model.config, attn_implementation="pjd")
+    other = type(model)._from_config(copy.deepcopy(model.config), attn_implementation="pjd")  # it edits the config
+    assert model.config._attn_implementation == "sdpa"
     other.load_state_dict(model.state_dict())
     return other.eval()
 
