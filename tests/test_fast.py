@@ -156,3 +156,30 @@ def test_mask_function_builds_no_mask_during_a_pjd_step():
     assert pjd.fast.pjd_mask(**kw).shape == (1, 1, 4, 4)
     with ActiveStep(cache=None, step=None, backend="torch"):
         assert pjd.fast.pjd_mask(**kw) is None
+
+
+def load_example():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "sjd_dynamic_cache.py"
+    spec = importlib.util.spec_from_file_location("sjd_dynamic_cache", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("window", [1, 5])
+def test_backend_example_sjd_over_dynamic_cache_equals_greedy_ar(window):
+    """docs/backend.md's loop: HF DynamicCache + pjd hook + speculative_verify + compact_kv."""
+    example = load_example()
+    model = tiny_llama(48, hidden_size=32, logit_scale=6.0, seed=4)
+    prompt = torch.tensor([[3, 30, 11]])
+    n = 20
+    sjd, steps = example.sjd_generate(model, prompt, n, window=window, top_k=1)
+    with torch.no_grad():  # a manual greedy loop (the model's generation config may stop at EOS)
+        ids = prompt
+        for _ in range(n):
+            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1:].argmax(-1)], 1)
+    assert torch.equal(sjd, ids[:, 3:])
+    assert 1 <= steps <= n
