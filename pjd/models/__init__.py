@@ -1,6 +1,13 @@
-"""Model adapters, tiny random-weight models, and the embedded default model (``pjd.models.default()``)."""
-from .base import CausalLMAdapter, adapter_for
+"""Model adapters, prompt builders per family, tiny random-weight models, and the embedded default
+model (``pjd.models.default()``)."""
+from .base import CausalLMAdapter, adapter_for, decode_images
+from .chameleon import ChameleonAdapter, lumina_prompt
 from .default import DefaultModel, default
-from .tiny import tiny_llama
+from .emu3 import emu3_prompt
+from .janus import JanusAdapter, janus_prompt
+from .llamagen import llamagen_prompt
+from .tiny import tiny_chameleon, tiny_emu3, tiny_janus, tiny_llama
 
-__all__ = ["CausalLMAdapter", "adapter_for", "DefaultModel", "default", "tiny_llama"]
+__all__ = ["CausalLMAdapter", "ChameleonAdapter", "JanusAdapter", "adapter_for", "decode_images",
+           "llamagen_prompt", "lumina_prompt", "janus_prompt", "emu3_prompt", "DefaultModel", "default",
+           "tiny_llama", "tiny_chameleon", "tiny_janus", "tiny_emu3"]

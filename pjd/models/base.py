@@ -1,24 +1,39 @@
 """Model adapters: what the engine needs from a model, whatever its family.
 
 The engine calls ``adapter.forward(input_ids [Bx, N], position_ids [Bx, N]) -> logits [Bx, N, V]``
-inside a pjd decoding step; attention goes through the "pjd" implementation (pjd.fast), which
+inside ``adapter.decoding()``; attention goes through the "pjd" implementation (pjd.fast), which
 reads the step's metadata and the cache from context, so the adapter never sees the cache.
+An adapter also exposes ``device``, ``vocab_size`` (logits width) and ``max_positions``.
+
+``adapter_for(model)`` picks the adapter by class (subclasses included, so a checkpoint's own
+subclass of a supported class is served too); ``decode_images(model, tokens)`` turns a
+``GenerationResult.tokens`` grid into PIL images with the model's own VQ decoder.
 """
 from __future__ import annotations
 
+import importlib
+from collections.abc import Sequence
 
 import torch
 
 from pjd import fast
 
+# transformers class name -> pjd.models module holding that family's adapter and decoder.
+_FAMILIES = {
+    "ChameleonForConditionalGeneration": "chameleon",
+    "JanusForConditionalGeneration": "janus",
+    "Emu3ForConditionalGeneration": "emu3",
+}
+
 
 class CausalLMAdapter:
     """Hugging Face causal LMs whose image tokens are ordinary vocabulary ids (Llama/LlamaGen-style,
-    Chameleon/Lumina-mGPT, Emu3)."""
+    Emu3; Chameleon through its subclass)."""
 
     def __init__(self, model):
         self.model = model
-        self.text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        config = model.config
+        self.text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 
     @property
     def device(self) -> torch.device:
@@ -40,13 +55,107 @@ class CausalLMAdapter:
         return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
 
 
+def _family(model):
+    for cls in type(model).__mro__:
+        if cls.__name__ in _FAMILIES:
+            return importlib.import_module(f"pjd.models.{_FAMILIES[cls.__name__]}")
+    return None
+
+
 def adapter_for(model):
-    """The adapter for a model: an adapter passes through; HF causal LMs get CausalLMAdapter."""
+    """The adapter for a model: an adapter passes through; supported multimodal classes get their
+    family's adapter; other HF causal LMs get CausalLMAdapter."""
     if hasattr(model, "forward") and hasattr(model, "decoding") and hasattr(model, "vocab_size"):
         return model
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "get_output_embeddings"):
         raise TypeError(f"model must be a transformers causal LM or a pjd adapter, got {type(model).__name__}")
-    return CausalLMAdapter(model)
+    family = _family(model)
+    return getattr(family, "ADAPTER", CausalLMAdapter)(model)
 
 
-__all__ = ["CausalLMAdapter", "adapter_for"]
+def decode_images(model, tokens: torch.Tensor) -> list:
+    """PIL images from a ``[B, height, width]`` grid of generated image tokens (``GenerationResult.tokens``),
+    with the model's own VQ decoder (Janus, Emu3). Raises TypeError for classes without one."""
+    family = _family(model)
+    decode = getattr(family, "decode_images", None)
+    if decode is None:
+        raise TypeError(f"{type(model).__name__} has no VQ decoder in transformers; decode the tokens with the "
+                        "family's own image tokenizer (see docs/models.md)")
+    check_grid(tokens)
+    return decode(model, tokens)
+
+
+# ---------------------------------------------------------------- helpers for the prompt builders
+def check_grid(tokens) -> None:
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3 or tokens.dtype.is_floating_point:
+        raise TypeError("tokens must be an integer tensor [B, height, width] (GenerationResult.tokens), got "
+                        f"{type(tokens).__name__} {getattr(tokens, 'shape', '')}")
+
+
+def as_sequences(name: str, ids) -> list[list[int]]:
+    """A batch of token-id sequences: list of lists / 1-D tensors, or a 2-D tensor (one row each);
+    a flat list of ints or a 1-D tensor is one sequence."""
+    if isinstance(ids, torch.Tensor):
+        if ids.dtype.is_floating_point or ids.dim() not in (1, 2):
+            raise TypeError(f"{name} must be an integer tensor [B, L] or [L], got {ids.dtype} {list(ids.shape)}")
+        return [ids.tolist()] if ids.dim() == 1 else ids.tolist()
+    if not isinstance(ids, Sequence) or not ids:
+        raise TypeError(f"{name} must be a non-empty list of token ids or of token-id lists, got {ids!r}")
+    if all(isinstance(i, int) for i in ids):
+        return [list(ids)]
+    return [s.tolist() if isinstance(s, torch.Tensor) else list(s) for s in ids]
+
+
+def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad sequences to one length: (ids int64 [B, L], attention_mask int64 [B, L], 1 = real)."""
+    length = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        if s:
+            ids[b, length - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[b, length - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def vocab_id(vocabulary_map: dict | None, name: str, what: str) -> int:
+    if not vocabulary_map or name not in vocabulary_map:
+        raise ValueError(f"the model's config.vocabulary_map has no {name!r} ({what}); pass the id explicitly")
+    return int(vocabulary_map[name])
+
+
+def contiguous_range(ids, what: str) -> tuple[int, int]:
+    """(lo, hi) of a set of ids that must be contiguous (the engine restricts sampling to a range)."""
+    ids = sorted(int(i) for i in ids)
+    if not ids or ids[-1] - ids[0] + 1 != len(ids):
+        raise ValueError(f"{what} are not contiguous vocabulary ids; pjd samples image tokens from one id range")
+    return ids[0], ids[-1] + 1
+
+
+def engine_kwargs(*, ids, mask, uncond_ids, uncond_mask, cfg_scale, height, width, image_token_range,
+                  eol_token_id=None) -> dict:
+    """The keyword arguments of pjd.generate for a built prompt (no unconditional rows without CFG)."""
+    kw = dict(input_ids=ids, attention_mask=mask, height=height, width=width,
+              image_token_range=image_token_range, cfg_scale=float(cfg_scale))
+    if eol_token_id is not None:
+        kw["eol_token_id"] = int(eol_token_id)
+    if float(cfg_scale) != 1.0:
+        kw.update(uncond_input_ids=uncond_ids, uncond_attention_mask=uncond_mask)
+    return kw
+
+
+def check_grid_size(height, width) -> None:
+    for name, v in (("height", height), ("width", width)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int (image tokens), got {v!r}")
+
+
+def to_pil(pixels: torch.Tensor) -> list:
+    """[B, 3, H, W] pixels in [-1, 1] (the VQ decoders' range) -> list of RGB PIL images."""
+    from PIL import Image
+
+    rgb = ((pixels.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return [Image.fromarray(x.permute(1, 2, 0).cpu().numpy(), "RGB") for x in rgb]
+
+
+__all__ = ["CausalLMAdapter", "adapter_for", "decode_images"]
