@@ -67,7 +67,9 @@ GPU_TILES = (1024, 256)
 # iterations. Same code, same results (tests also force small tiles to cover the carries).
 INTERPRETER_TILES = (4096, 4096)
 BLOCK_WS = (16, 64)
-NUM_WARPS = 4
+# Warps per kernel. The accept kernel runs one program per lane over whole rows: 8 warps keep more
+# loads in flight (and, at BLOCK_V 1024, ptxas spills 8 bytes on sm_90 with 4).
+NUM_WARPS = {"target_probs": 4, "accept": 8, "next_drafts": 4}
 
 
 @triton.jit
@@ -484,23 +486,72 @@ def speculative_verify_triton(
         logits.stride(0), logits.stride(1),
         B, L, N, W + 1, lo, vocab,
         float(cfg_scale), float(temperature), top_k, float(top_p),
-        CFG=Bx != B, BLOCK_V=block_v, BLOCK_S=block_s, NPROBE=PROBES, num_warps=NUM_WARPS,
+        CFG=Bx != B, BLOCK_V=block_v, BLOCK_S=block_s, NPROBE=PROBES, num_warps=NUM_WARPS["target_probs"],
     )
     _accept_kernel[(B * L,)](
         p, total, last, draft_tokens, draft_q, u_accept, u_sample,
         lane_start, lane_drafts, lane_rule, lane_slot, lane_room,
         num_accepted, num_commit, commit_tokens,
         W, vocab, lo, eol, row_slots, int(width),
-        BLOCK_W=block_w, BLOCK_V=block_v, num_warps=NUM_WARPS,
+        BLOCK_W=block_w, BLOCK_V=block_v, num_warps=NUM_WARPS["accept"],
     )
     _next_drafts_kernel[(B * L, W)](
         p, total, last, draft_tokens, draft_q, u_sample, init_tokens,
         lane_start, lane_drafts, lane_slot, num_accepted, num_commit, commit_tokens,
         next_tokens, next_q,
         W, vocab, lo, eol, row_slots, int(width), float(reuse_threshold), int(draft_init == "repeat_left"),
-        BLOCK_V=block_v, num_warps=NUM_WARPS,
+        BLOCK_V=block_v, num_warps=NUM_WARPS["next_drafts"],
     )
     return num_accepted, num_commit, commit_tokens, next_tokens, next_q
 
 
 _TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _int_args(fn):
+    """Every runtime argument that is a count, index, id or stride (i32)."""
+    return {n: "i32" for n in fn.arg_names
+            if n.startswith(("stride_", "num_")) or n in (
+                "lo", "vocab", "window", "eol", "row_slots", "width", "top_k", "repeat_left")}
+
+
+def aot_configs():
+    """Every kernel instance the wrapper launches on a GPU, for the AOT gate (pjd.kernels.aot)."""
+    from .aot import KernelConfig
+
+    block_v, block_s = GPU_TILES
+    configs = []
+    for dtype, ty in _TRITON_DTYPE.items():
+        for cfg in (False, True):
+            configs.append(KernelConfig(
+                kernel="verify_target_probs",
+                config=f"{ty} V{block_v} S{block_s}x{PROBES} w{NUM_WARPS['target_probs']}" + (" cfg" if cfg else ""),
+                fn=_target_probs_kernel,
+                signature={"Logits": f"*{ty}", "LaneStart": "*i32", "LaneDrafts": "*i32", "P": "*fp32",
+                           "Total": "*fp32", "Last": "*i32", "cfg_scale": "fp32", "temperature": "fp32",
+                           "top_p": "fp32", **_int_args(_target_probs_kernel)},
+                constexprs={"CFG": cfg, "BLOCK_V": block_v, "BLOCK_S": block_s, "NPROBE": PROBES},
+                num_warps=NUM_WARPS["target_probs"], num_stages=1,
+                divisible=("Logits", "LaneStart", "LaneDrafts", "P", "Total", "Last"),
+            ))
+    pointers = {name: "*i64" if name in ("DraftTokens", "InitTokens", "CommitTokens", "NextTokens") else
+                "*i32" if name.startswith(("Lane", "Num")) or name == "Last" else "*fp32"
+                for name in ("P", "Total", "Last", "DraftTokens", "DraftQ", "UAccept", "USample", "InitTokens",
+                             "LaneStart", "LaneDrafts", "LaneRule", "LaneSlot", "LaneRoom", "NumAccepted",
+                             "NumCommit", "CommitTokens", "NextTokens", "NextQ")}
+    for block_w in BLOCK_WS:
+        configs.append(KernelConfig(
+            kernel="verify_accept", config=f"W{block_w} V{block_v} w{NUM_WARPS['accept']}", fn=_accept_kernel,
+            signature={n: t for n, t in pointers.items() if n in _accept_kernel.arg_names}
+            | _int_args(_accept_kernel),
+            constexprs={"BLOCK_W": block_w, "BLOCK_V": block_v}, num_warps=NUM_WARPS["accept"], num_stages=1,
+            divisible=tuple(n for n in pointers if n in _accept_kernel.arg_names),
+        ))
+    configs.append(KernelConfig(
+        kernel="verify_next_drafts", config=f"V{block_v} w{NUM_WARPS['next_drafts']}", fn=_next_drafts_kernel,
+        signature={n: t for n, t in pointers.items() if n in _next_drafts_kernel.arg_names}
+        | _int_args(_next_drafts_kernel) | {"reuse_threshold": "fp32"},
+        constexprs={"BLOCK_V": block_v}, num_warps=NUM_WARPS["next_drafts"], num_stages=1,
+        divisible=tuple(n for n in pointers if n in _next_drafts_kernel.arg_names),
+    ))
+    return configs
