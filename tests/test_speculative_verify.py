@@ -227,6 +227,8 @@ CASES = {
         (dict(B=2, L=2, W=7, V=700, dtype="float16", top_k=1), None),
         (dict(B=1, L=5, W=3, V=333, eol=True, reuse=None, draft_init="repeat_left", cfg=True, dtype="float16"), None),
         (dict(B=2, L=3, W=7, V=2000, top_k=300, top_p=0.9, temperature=1.3, eol=True, scale=2.0), None),
+        # low reuse threshold, peaked p: rejected drafts with p/q above the threshold (never kept)
+        (dict(B=3, L=5, W=7, V=400, reuse=0.2, scale=6.0), None),
     ],
     "tiles": [
         (dict(B=2, L=3, W=7, V=600, image=(3, 590), top_k=37, top_p=0.85, cfg=True), (128, 64)),
