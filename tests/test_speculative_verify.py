@@ -40,9 +40,10 @@ def make_case(seed, B, L, W, V, *, image=None, cfg=False, dtype="float32", top_k
     with EOL, forced slots hold the EOL id with q = 0 (as the engine stores them).
     """
     g = torch.Generator().manual_seed(seed)
-    lo, hi = image or (0, V)
+    lo, hi = image or ((0, V - 1) if eol else (0, V))  # with EOL the last id is the EOL token
     vi = hi - lo
     eol_id = (hi if hi < V else lo - 1) if eol else -1
+    assert eol_id >= 0 or not eol, "no id left for the EOL token"
     row_slots = WIDTH + 1 if eol else 1
     active = torch.rand(B, L, generator=g) < 0.75
     active[:, 0] = True
@@ -216,7 +217,7 @@ def test_triton_on_cpu_without_interpreter(monkeypatch):
 
 
 # ---------------------------------------------------------------- (b) Triton interpreter parity
-# name -> list of (make_case kwargs, tiles); tiles None = the wrapper's default (interpreter tiles),
+# name -> list of (make_case kwargs (seed 100 + index unless given), tiles); tiles None = the wrapper's default (interpreter tiles),
 # small tiles force several blocks per row (running-sum carries, multi-block searches).
 CASES = {
     "small": [
@@ -235,8 +236,10 @@ CASES = {
         (dict(B=1, L=4, W=3, V=1000, dtype="bfloat16", top_p=0.95, draft_init="repeat_left", eol=True), (256, 128)),
     ],
     "large": [
-        (dict(B=1, L=2, W=3, V=70000, image=(100, 65636), cfg=True, dtype="bfloat16", top_k=50, top_p=0.9), None),
-        (dict(B=1, L=2, W=7, V=65536, top_p=0.95, temperature=1.3, eol=True), None),
+        # seeds picked for coverage (accepted prefixes, a full acceptance across an EOL slot + bonus)
+        (dict(B=1, L=3, W=3, V=70000, image=(100, 65636), cfg=True, dtype="bfloat16", top_k=50, top_p=0.9,
+              scale=8.0, seed=107), None),
+        (dict(B=1, L=2, W=7, V=65536, top_p=0.95, temperature=0.8, eol=True, scale=8.0, seed=109), None),
     ],
 }
 
@@ -263,7 +266,7 @@ def _interpreter_parity(name):
 
     failures, stats = [], {"accepted": 0, "committed": 0}
     for i, (kwargs, tiles) in enumerate(CASES[name]):
-        args = make_case(100 + i, **kwargs)
+        args = make_case(**{"seed": 100 + i, **kwargs})
         ref = speculative_verify_reference(*args)
         stats["accepted"] += int(ref.num_accepted.sum())
         stats["committed"] += int(ref.num_commit.sum())
