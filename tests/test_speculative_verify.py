@@ -328,6 +328,43 @@ def test_triton_interpreter_matches_reference(name):
     assert result["accepted"] >= 3 and result["committed"] > result["accepted"]
 
 
+def _bench_module():
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+    import verify
+
+    return verify
+
+
+def _bench_gate():
+    """benchmarks/verify.py's correctness gate passes on its own inputs and rejects a wrong result."""
+    verify = _bench_module()
+    x = verify.make_inputs(1024, 2, torch.device("cpu"), torch.float32)
+    verify.check(x)
+    # A wrong kernel: the Triton side samples with other uniforms than the torch side.
+    run_op, failures = verify.run_op, []
+    verify.run_op = lambda x, backend: run_op({**x, "u_sample": 1 - x["u_sample"]} if backend == "triton" else x,
+                                             backend)
+    try:
+        verify.check(x)
+        failures.append("check accepted a Triton result computed from different draws")
+    except RuntimeError:
+        pass
+    return {"failures": failures}
+
+
+def test_verify_benchmark_cpu_rows():
+    verify = _bench_module()
+    row = verify.run_case(512, 2, torch.device("cpu"), torch.float32, repeats=1)
+    assert row["torch_ms"] > 0 and row["triton_note"] == "not measured on this device"
+    assert row["flashinfer_ms"] != row["flashinfer_ms"] and row["flashinfer_note"]  # NaN + a reason
+    b = verify.bytes_moved(16384, 8, 2)
+    assert b["logits"] == 2 * 64 * 16384 * 2 and b["q_io"] == 2 * 56 * 16384 * 4
+
+
+def test_verify_benchmark_gate_under_interpreter():
+    _run_subprocess("bench", "gate")
+
+
 @pytest.mark.parametrize("name", ["pjd_cfg", "sjd_eol"])
 def test_generate_with_triton_backend_matches_torch(name):
     result = _run_subprocess("generate", name)
@@ -338,6 +375,6 @@ if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "run through the test (sets TRITON_INTERPRET=1)"
     torch.set_num_threads(1)
     kind, name = sys.argv[1:3]
-    out = _interpreter_parity(name) if kind == "parity" else _generate_parity(name)
+    out = {"parity": _interpreter_parity, "generate": _generate_parity, "bench": lambda _: _bench_gate()}[kind](name)
     print(json.dumps(out))
     sys.exit(1 if out["failures"] else 0)
