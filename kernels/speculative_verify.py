@@ -32,8 +32,9 @@ range: each pass evaluates F at 16 evenly spaced keys at once and keeps the sub-
 crosses the target, shrinking the range 16-fold; a 32-bit range takes at most 8 passes.
 
 Numerics. The reference (torch on CPU) accumulates cumulative sums in float64 and rounds them to
-fp32; so do the kernels (mass sums and inverse-CDF running sums in fp64; a fp32 carry over 64k
-tokens would move CDF boundaries by ~1e-7 and flip about 1-3% of draws at Vi = 65,536). Remaining
+fp32; so do the kernels (mass sums and inverse-CDF running sums in fp64: with fp32 block sums and
+carry, 0.04-0.1% of draws at Vi = 65,536 land on another token, measured in a numpy emulation;
+docs/kernels.md). Remaining
 differences are last-bit ones in exp and in summation order (the softmax normaliser), which can
 flip a decision only when a uniform or top_p lands within ~1e-7 relative of a boundary.
 Divisions use ``tl.math.div_rn`` (IEEE, as torch) rather than Triton's approximate fp32 divide.
