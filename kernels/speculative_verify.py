@@ -458,6 +458,8 @@ def speculative_verify_triton(
         raise TypeError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0.0 < top_p <= 1.0:  # the threshold search needs a positive target
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     block_w = _block_w(W)
     block_v, block_s = tiles or (INTERPRETER_TILES if _interpreting() else GPU_TILES)
     device = draft_tokens.device

@@ -207,6 +207,9 @@ def test_triton_wrapper_rejects_bad_inputs_before_launch():
     bad_window = list(make_case(6, B=1, L=1, W=64, V=30))
     with pytest.raises(ValueError, match="W=64"):
         speculative_verify_triton(*bad_window)
+    args[15] = 0.0
+    with pytest.raises(ValueError, match="top_p must be in"):
+        speculative_verify_triton(*args)
 
 
 def test_triton_on_cpu_without_interpreter(monkeypatch):
