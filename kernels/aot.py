@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 # One line per shipped kernel module.
 KERNEL_MODULES = (
     "pjd.kernels.draft_attention",
+    "pjd.kernels.speculative_verify",
 )
 
 ARCHS = (80, 90)

@@ -1,0 +1,383 @@
+"""speculative_verify: reference self-checks, input validation, Triton kernels (interpreter) vs the
+reference, and pjd.generate with backend="triton" vs "torch".
+
+The Triton parts run this file as a script in a subprocess with TRITON_INTERPRET=1 set before any
+import (an out-of-bounds load kills the interpreter process; the AOT gate needs a process without
+it). The script runs a named group of cases and prints one JSON line with every failure.
+
+Parity is exact on the integer outputs (num_accepted, num_commit, committed tokens, next_tokens)
+and allclose on next_q (fp32 p: last-bit differences of exp and of the softmax normaliser's
+summation order). commit_tokens is compared on its committed prefix k < num_commit, the contract;
+the reference also fills the tail with samples it never commits (kernels/speculative_verify.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pjd
+from pjd.models import tiny_llama
+from pjd.ops import PREFIX, TOP, speculative_verify, speculative_verify_reference
+from pjd.sampling import target_probs
+
+WIDTH = 5  # grid width of the EOL cases: row_slots = 6, slot % 6 == 5 is forced
+
+
+def make_case(seed, B, L, W, V, *, image=None, cfg=False, dtype="float32", top_k=0, top_p=1.0,
+              temperature=1.0, reuse=0.5, eol=False, draft_init="random", scale=4.0):
+    """Positional arguments of speculative_verify_reference for one random step.
+
+    Lanes: about a quarter inactive (lane 0 of every image active and TOP, the rest TOP or PREFIX);
+    lane (0, 0) feeds m = W drafts, lane (0, 1) none; rooms m .. m + 2 (so some full acceptances get
+    no bonus). Inputs are packed per image behind one unrelated input. Logits ~ N(0, scale^2) over
+    the whole vocabulary. Drafts per slot: 45% a sample of its target p with q = p, 30% the argmax of
+    p with q one-hot, 15% a sample of an unrelated softmax q, 10% a uniform token with q one-hot;
+    with EOL, forced slots hold the EOL id with q = 0 (as the engine stores them).
+    """
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = image or ((0, V - 1) if eol else (0, V))  # with EOL the last id is the EOL token
+    vi = hi - lo
+    eol_id = (hi if hi < V else lo - 1) if eol else -1
+    assert eol_id >= 0 or not eol, "no id left for the EOL token"
+    row_slots = WIDTH + 1 if eol else 1
+    active = torch.rand(B, L, generator=g) < 0.75
+    active[:, 0] = True
+    m = torch.randint(0, W + 1, (B, L), generator=g)
+    m[0, 0] = W
+    if L > 1:
+        m[0, 1] = 0
+    lane_start = torch.full((B, L), -1, dtype=torch.int32)
+    inputs = []
+    for b in range(B):
+        offset = 1
+        for lane in range(L):
+            if active[b, lane]:
+                lane_start[b, lane] = offset
+                offset += 1 + int(m[b, lane])
+        inputs.append(offset)
+    N = max(inputs) + 1
+    rule = torch.where(torch.rand(B, L, generator=g) < 0.5, TOP, PREFIX).int()
+    rule[:, 0] = TOP
+    lane_slot = torch.randint(0, 4 * row_slots + 1, (B, L), generator=g).int()
+    room = (m + torch.randint(0, 3, (B, L), generator=g)).int()
+    logits = (torch.randn(2 * B if cfg else B, N, V, generator=g) * scale).to(getattr(torch, dtype))
+    cfg_scale = 2.5 if cfg else 1.0
+    probs = target_probs(logits, num_images=B, cfg_scale=cfg_scale, image_token_range=(lo, hi),
+                         temperature=temperature, top_k=top_k, top_p=top_p)
+    draft_tokens = torch.empty(B, L, W, dtype=torch.int64)
+    draft_q = torch.zeros(B, L, W, vi)
+    mode_weights = torch.tensor([0.45, 0.3, 0.15, 0.1])
+    for b in range(B):
+        for lane in range(L):
+            for i in range(W):
+                p = probs[b, min(max(int(lane_start[b, lane]), 0) + i, N - 1)]
+                mode = int(torch.multinomial(mode_weights, 1, generator=g))
+                if mode == 0:
+                    q = p
+                elif mode == 2:
+                    q = torch.softmax(torch.randn(vi, generator=g) * 2, 0)
+                if mode in (0, 2):
+                    tok = int(torch.multinomial(q, 1, generator=g))
+                else:
+                    tok = int(p.argmax()) if mode == 1 else int(torch.randint(0, vi, (1,), generator=g))
+                    q = torch.nn.functional.one_hot(torch.tensor(tok), vi).float()
+                draft_tokens[b, lane, i], draft_q[b, lane, i] = tok + lo, q
+                if eol and (int(lane_slot[b, lane]) + i) % row_slots == WIDTH:
+                    draft_tokens[b, lane, i], draft_q[b, lane, i] = eol_id, 0.0
+    u_accept = torch.rand(B, L, W, generator=g)
+    u_sample = torch.rand(B, L, W + 1, generator=g)
+    init_tokens = torch.randint(lo, hi, (B, L, W), generator=g)
+    return (logits, lane_start, m.int(), rule, lane_slot, room, draft_tokens, draft_q, u_accept, u_sample,
+            init_tokens, cfg_scale, (lo, hi), temperature, top_k, top_p, -1.0 if reuse is None else reuse,
+            draft_init, eol_id, row_slots, WIDTH)
+
+
+def public_kwargs(args):
+    """The keyword part of pjd.ops.speculative_verify for make_case's positional arguments."""
+    (cfg_scale, image, temperature, top_k, top_p, reuse, draft_init, eol, row_slots, width) = args[11:]
+    return dict(image_token_range=image, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
+                reuse_threshold=None if reuse < 0 else reuse, draft_init=draft_init,
+                eol_token_id=None if eol < 0 else eol, row_slots=row_slots, width=width)
+
+
+# ---------------------------------------------------------------- (a) reference self-checks
+def test_greedy_accepts_exactly_the_argmax_prefix():
+    args = list(make_case(0, B=3, L=4, W=7, V=50, top_k=1))
+    logits, lane_start, m, draft_tokens = args[0], args[1], args[2], args[6]
+    argmax = logits.argmax(-1)  # [B, N]
+    # Make some drafts the argmax so that long prefixes exist, others surely not.
+    g = torch.Generator().manual_seed(1)
+    for b, lane in zip(*torch.nonzero(lane_start >= 0, as_tuple=True)):
+        for i in range(7):
+            want_argmax = bool(torch.rand(1, generator=g) < 0.8)
+            best = int(argmax[b, min(int(lane_start[b, lane]) + i, logits.shape[1] - 1)])
+            draft_tokens[b, lane, i] = best if want_argmax else (best + 1) % 50
+    out = speculative_verify_reference(*args)
+    for b, lane in zip(*torch.nonzero(lane_start >= 0, as_tuple=True)):
+        start, mm = int(lane_start[b, lane]), int(m[b, lane])
+        expect = 0
+        while expect < mm and int(draft_tokens[b, lane, expect]) == int(argmax[b, start + expect]):
+            expect += 1
+        assert int(out.num_accepted[b, lane]) == expect, (b, lane)
+    assert int(out.num_accepted.max()) >= 3 and int(out.num_accepted.min()) == 0
+
+
+def _all_drafts_argmax(args):
+    """Drafts of every active lane = the argmax of their targets (top_k = 1), EOL slots left as EOL."""
+    logits, lane_start, draft_tokens, eol = args[0], args[1], args[6], args[18]
+    argmax = logits.argmax(-1)
+    for b, lane in zip(*torch.nonzero(lane_start >= 0, as_tuple=True)):
+        for i in range(draft_tokens.shape[-1]):
+            if int(draft_tokens[b, lane, i]) != eol:
+                draft_tokens[b, lane, i] = argmax[b, min(int(lane_start[b, lane]) + i, logits.shape[1] - 1)]
+
+
+def test_forced_eol_drafts_always_pass():
+    args = list(make_case(2, B=2, L=4, W=7, V=40, image=(0, 39), eol=True, top_k=1))
+    _all_drafts_argmax(args)
+    args[8] = torch.full_like(args[8], 0.999)  # u_accept: an unforced EOL draft (p = 0) would fail
+    out = speculative_verify_reference(*args)
+    active = args[1] >= 0
+    crossed = (args[6] == args[18]) & (torch.arange(7) < args[2][..., None].long())
+    assert crossed[active].any(), "the case must feed EOL slots"
+    assert torch.equal(out.num_accepted[active], args[2][active])
+    # Control: without the EOL rule the same drafts stop at the first EOL slot.
+    args[18] = -1
+    control = speculative_verify_reference(*args)
+    assert (control.num_accepted[active] < args[2][active]).any()
+
+
+def test_inactive_lanes_keep_drafts_and_commit_nothing():
+    args = make_case(3, B=3, L=5, W=3, V=64, cfg=True)
+    out = speculative_verify_reference(*args)
+    inactive = args[1] < 0
+    assert inactive.any() and (~inactive).any()
+    assert (out.num_commit[inactive] == 0).all() and (out.num_accepted[inactive] == 0).all()
+    assert torch.equal(out.next_tokens[inactive], args[6][inactive])
+    assert torch.equal(out.next_q[inactive], args[7][inactive])
+    assert (out.num_commit[:, 0] >= 1).all(), "a TOP lane commits at least one token"
+
+
+def test_no_reuse_means_fresh_drafts_at_targeted_slots():
+    args = list(make_case(4, B=2, L=4, W=7, V=80, reuse=None))
+    probs = target_probs(args[0], num_images=2, image_token_range=(0, 80))
+    out = speculative_verify_reference(*args)
+    checked = 0
+    for b, lane in zip(*torch.nonzero(args[1] >= 0, as_tuple=True)):
+        for i in range(7):
+            k = int(out.num_commit[b, lane]) + i
+            if k <= int(args[2][b, lane]) and k < 7:
+                torch.testing.assert_close(out.next_q[b, lane, i], probs[b, int(args[1][b, lane]) + k])
+                checked += 1
+    assert checked >= 5
+    # Control: with reuse every accepted-ratio draft is kept with its old q somewhere.
+    args[16] = 0.0
+    reused = speculative_verify_reference(*args)
+    kept = [(reused.next_q[b, lane, i] == args[7][b, lane, (int(reused.num_commit[b, lane]) + i)]).all()
+            for b, lane in zip(*torch.nonzero(args[1] >= 0, as_tuple=True))
+            for i in range(7) if int(reused.num_commit[b, lane]) + i < min(7, int(args[2][b, lane]) + 1)]
+    assert any(kept)
+
+
+@pytest.mark.parametrize("change,needle", [
+    (lambda a: a.__setitem__(7, a[7][..., :-1]), "draft_q must have shape"),
+    (lambda a: a.__setitem__("draft_init", "copy"), "draft_init must be one of"),
+])
+def test_bad_inputs(change, needle):
+    args = list(make_case(5, B=1, L=2, W=3, V=30))
+    kwargs = public_kwargs(args)
+    change(kwargs if needle.startswith("draft_init") else args)
+    with pytest.raises(ValueError, match=needle):
+        speculative_verify(*args[:11], **kwargs, backend="torch")
+
+
+def test_triton_wrapper_rejects_bad_inputs_before_launch():
+    from pjd.kernels.speculative_verify import speculative_verify_triton
+
+    args = list(make_case(6, B=2, L=2, W=3, V=30))
+    bad_logits = args.copy()
+    bad_logits[0] = torch.cat([args[0]] * 3)  # 3B rows: neither B nor 2B
+    with pytest.raises(ValueError, match="logits must have B=2 rows"):
+        speculative_verify_triton(*bad_logits)
+    bad_window = list(make_case(6, B=1, L=1, W=64, V=30))
+    with pytest.raises(ValueError, match="W=64"):
+        speculative_verify_triton(*bad_window)
+    args[15] = 0.0
+    with pytest.raises(ValueError, match="top_p must be in"):
+        speculative_verify_triton(*args)
+
+
+def test_triton_on_cpu_without_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    args = make_case(7, B=1, L=2, W=3, V=30)
+    with pytest.raises(ValueError, match="backend='triton' got tensors on cpu"):
+        speculative_verify(*args[:11], **public_kwargs(args), backend="triton")
+
+
+# ---------------------------------------------------------------- (b) Triton interpreter parity
+# name -> list of (make_case kwargs (seed 100 + index unless given), tiles); tiles None = the wrapper's default (interpreter tiles),
+# small tiles force several blocks per row (running-sum carries, multi-block searches).
+CASES = {
+    "small": [
+        (dict(B=1, L=1, W=1, V=300), None),
+        (dict(B=2, L=3, W=3, V=301, image=(5, 290), cfg=True, temperature=0.7), None),
+        (dict(B=3, L=5, W=7, V=517, top_k=10, eol=True, draft_init="repeat_left"), None),
+        (dict(B=2, L=4, W=15, V=400, top_p=0.8, reuse=None), None),
+        (dict(B=2, L=2, W=7, V=700, dtype="float16", top_k=1), None),
+        (dict(B=1, L=5, W=3, V=333, eol=True, reuse=None, draft_init="repeat_left", cfg=True, dtype="float16"), None),
+        (dict(B=2, L=3, W=7, V=2000, top_k=300, top_p=0.9, temperature=1.3, eol=True, scale=2.0), None),
+        # low reuse threshold, peaked p: rejected drafts with p/q above the threshold (never kept)
+        (dict(B=3, L=5, W=7, V=400, reuse=0.2, scale=6.0), None),
+    ],
+    "tiles": [
+        (dict(B=2, L=3, W=7, V=600, image=(3, 590), top_k=37, top_p=0.85, cfg=True), (128, 64)),
+        (dict(B=1, L=4, W=3, V=1000, dtype="bfloat16", top_p=0.95, draft_init="repeat_left", eol=True), (256, 128)),
+    ],
+    "large": [
+        # seeds picked for coverage (accepted prefixes, a full acceptance across an EOL slot + bonus)
+        (dict(B=1, L=3, W=3, V=70000, image=(100, 65636), cfg=True, dtype="bfloat16", top_k=50, top_p=0.9,
+              scale=8.0, seed=107), None),
+        (dict(B=1, L=2, W=7, V=65536, top_p=0.95, temperature=0.8, eol=True, scale=8.0, seed=109), None),
+    ],
+}
+
+
+def compare(ref, out) -> list[str]:
+    names = ("num_accepted", "num_commit", "commit_tokens", "next_tokens", "next_q")
+    problems = [f"{n}: dtype {o.dtype} / shape {list(o.shape)}, expected {r.dtype} / {list(r.shape)}"
+                for n, r, o in zip(names, ref, out) if o.dtype != r.dtype or o.shape != r.shape]
+    if problems:
+        return problems
+    committed = torch.arange(ref.commit_tokens.shape[-1]) < ref.num_commit[..., None]
+    for n, r, o in zip(names[:4], ref[:4], out[:4]):
+        if n == "commit_tokens":
+            r, o = r.masked_fill(~committed, 0), o.masked_fill(~committed, 0)
+        if not torch.equal(r, o):
+            problems.append(f"{n}: {o.tolist()} != {r.tolist()}")
+    if not torch.allclose(out[4], ref[4], rtol=1e-5, atol=1e-7):
+        problems.append(f"next_q: max |diff| {(out[4] - ref[4]).abs().max().item():.3g}")
+    return problems
+
+
+def _interpreter_parity(name):
+    from pjd.kernels.speculative_verify import speculative_verify_triton
+
+    failures, stats = [], {"accepted": 0, "committed": 0}
+    for i, (kwargs, tiles) in enumerate(CASES[name]):
+        args = make_case(**{"seed": 100 + i, **kwargs})
+        ref = speculative_verify_reference(*args)
+        stats["accepted"] += int(ref.num_accepted.sum())
+        stats["committed"] += int(ref.num_commit.sum())
+        try:
+            if tiles is None:  # the public op's dispatch
+                out = speculative_verify(*args[:11], **public_kwargs(args), backend="triton")
+            else:
+                out = speculative_verify_triton(*args, tiles=tiles)
+            failures += [f"{kwargs} tiles={tiles}: {p}" for p in compare(ref, out)]
+        except Exception as exc:  # report every failing case, not just the first
+            failures.append(f"{kwargs} tiles={tiles}: {type(exc).__name__}: {exc}")
+    return {"failures": failures, **stats}
+
+
+def _generate_parity(name):
+    # head dim 64: the draft_attention kernel supports D in {64, 128}
+    model = tiny_llama(32, hidden_size=128, layers=2, heads=2, kv_heads=1, logit_scale=3.0, seed=3)
+    ids = torch.randint(24, 30, (2, 3), generator=torch.Generator().manual_seed(0))
+    if name == "pjd_cfg":
+        kw = dict(method="pjd", height=4, width=6, context=2, window=3, cfg_scale=3.0,
+                  uncond_input_ids=torch.full_like(ids[:, :1], 29))
+    else:
+        kw = dict(method="sjd", height=3, width=5, window=5, eol_token_id=30, top_k=12)
+    import pjd.kernels.speculative_verify as kernel_module
+
+    calls = []
+    kernel = kernel_module.speculative_verify_triton
+    kernel_module.speculative_verify_triton = lambda *a, **k: calls.append(1) or kernel(*a, **k)
+    results = {}
+    with torch.no_grad():
+        for backend in ("torch", "triton"):
+            results[backend] = pjd.generate(model, ids, image_token_range=(0, 24), backend=backend, seed=11, **kw)
+    torch_, triton_ = results["torch"], results["triton"]
+    failures = []
+    if not torch.equal(torch_.tokens, triton_.tokens):
+        failures.append(f"{name}: tokens differ\n{torch_.tokens.tolist()}\n{triton_.tokens.tolist()}")
+    if torch_.steps != triton_.steps:
+        failures.append(f"{name}: steps {torch_.steps} (torch) != {triton_.steps} (triton)")
+    if len(calls) != triton_.steps:
+        failures.append(f"{name}: the Triton kernel ran {len(calls)} times in {triton_.steps} steps")
+    return {"failures": failures, "steps": torch_.steps, "tokens": torch_.tokens[0].numel()}
+
+
+def _run_subprocess(*argv):
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, __file__, *argv], env=env, capture_output=True, text=True, timeout=600)
+    lines = proc.stdout.strip().splitlines()
+    assert lines, f"interpreter subprocess printed nothing (rc={proc.returncode}):\n{proc.stderr[-4000:]}"
+    result = json.loads(lines[-1])
+    assert not result["failures"], "\n".join(result["failures"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return result
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_triton_interpreter_matches_reference(name):
+    result = _run_subprocess("parity", name)
+    # The cases must exercise acceptance, not only first-draft rejections.
+    assert result["accepted"] >= 3 and result["committed"] > result["accepted"]
+
+
+def _bench_module():
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+    import verify
+
+    return verify
+
+
+def _bench_gate():
+    """benchmarks/verify.py's correctness gate passes on its own inputs and rejects a wrong result."""
+    verify = _bench_module()
+    x = verify.make_inputs(1024, 2, torch.device("cpu"), torch.float32)
+    verify.check(x)
+    # A wrong kernel: the Triton side samples with other uniforms than the torch side.
+    run_op, failures = verify.run_op, []
+    verify.run_op = lambda x, backend: run_op({**x, "u_sample": 1 - x["u_sample"]} if backend == "triton" else x,
+                                             backend)
+    try:
+        verify.check(x)
+        failures.append("check accepted a Triton result computed from different draws")
+    except RuntimeError:
+        pass
+    return {"failures": failures}
+
+
+def test_verify_benchmark_cpu_rows():
+    verify = _bench_module()
+    row = verify.run_case(512, 2, torch.device("cpu"), torch.float32, repeats=1)
+    assert row["torch_ms"] > 0 and row["triton_note"] == "not measured on this device"
+    assert row["flashinfer_ms"] != row["flashinfer_ms"] and row["flashinfer_note"]  # NaN + a reason
+    b = verify.bytes_moved(16384, 8, 2)
+    assert b["logits"] == 2 * 64 * 16384 * 2 and b["q_io"] == 2 * 56 * 16384 * 4
+
+
+def test_verify_benchmark_gate_under_interpreter():
+    _run_subprocess("bench", "gate")
+
+
+@pytest.mark.parametrize("name", ["pjd_cfg", "sjd_eol"])
+def test_generate_with_triton_backend_matches_torch(name):
+    result = _run_subprocess("generate", name)
+    assert result["steps"] < result["tokens"], "the run must accept drafts (fewer steps than tokens)"
+
+
+if __name__ == "__main__":
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run through the test (sets TRITON_INTERPRET=1)"
+    torch.set_num_threads(1)
+    kind, name = sys.argv[1:3]
+    out = {"parity": _interpreter_parity, "generate": _generate_parity, "bench": lambda _: _bench_gate()}[kind](name)
+    print(json.dumps(out))
+    sys.exit(1 if out["failures"] else 0)
