@@ -13,7 +13,7 @@ import torch
 
 import pjd
 
-FD_MIN_IMAGES = 16  # a Fréchet distance over fewer images is noise
+FD_MIN_IMAGES = 64  # below this the Fréchet distance on 123 features is mostly noise (docs/default_model.md)
 
 
 def run_demo(methods=("ar", "sjd", "pjd"), batch=8, seed=0, cfg_scale=3.0, top_k=0, backend="auto",
