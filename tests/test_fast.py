@@ -12,15 +12,6 @@ from pjd.cache import ActiveStep
 from pjd.models import tiny_janus, tiny_llama
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: extra threads only contend on the shared 2-core machine (10x slower measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def llama():
     return tiny_llama(40, hidden_size=32, heads=4, kv_heads=2, seed=3)  # GQA: 2 query heads per kv head

@@ -19,15 +19,6 @@ GRID = (2, 4)   # Lumina needs even sides
 CFG = 3.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: extra threads only contend on the shared 2-core machine (10x slower measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def models():
     return dict(llama=tiny_llama(CODEBOOK + CLASSES + 1, hidden_size=32, logit_scale=4.0, seed=2),
