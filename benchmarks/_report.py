@@ -70,7 +70,10 @@ def line_chart(series: dict[str, list[tuple[float, float]]], path: Path, *, titl
                 height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom))
 
     draw.line([(left, top), (left, height - bottom), (width - right, height - bottom)], fill="black")
-    for value in sorted({p[0] for p in points}):
+    ticks = sorted({p[0] for p in points})
+    if len(ticks) > 8:  # label a few evenly spaced values, not every point
+        ticks = [ticks[round(i * (len(ticks) - 1) / 7)] for i in range(8)]
+    for value in ticks:
         px, _ = to_px(value, y0)
         draw.text((px - 6, height - bottom + 4), f"{value:g}", fill="black", font=font)
     for frac in (0.0, 0.5, 1.0):
@@ -84,7 +87,7 @@ def line_chart(series: dict[str, list[tuple[float, float]]], path: Path, *, titl
         pix = [to_px(x, y) for x, y in pts if y == y]
         if len(pix) > 1:
             draw.line(pix, fill=color, width=2)
-        for px, py in pix:
+        for px, py in pix if len(pix) <= 60 else ():  # markers only where they stay readable
             draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=color)
         draw.text((width - right + 10, top + 14 * i), name, fill=color, font=font)
     img.save(path)

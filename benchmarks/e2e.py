@@ -82,6 +82,12 @@ class Bench:
         return row
 
 
+def plot_acceptance(rows: list[dict], path: Path) -> None:
+    """Image tokens committed per step over the decode (mean over the batch), one line per method."""
+    line_chart({r["method"]: list(enumerate(r["accepted_per_step"], 1)) for r in rows if r["method"] != "ar"},
+               path, title="image tokens committed per step (mean over batch)", xlabel="step", ylabel="tokens")
+
+
 def table(title: str, rows: list[dict], keys: list[str]) -> str:
     lines = [f"\n### {title}", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for r in rows:
@@ -107,7 +113,7 @@ def main(argv=None) -> dict:
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         p.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
-    out = Path(args.out) / "e2e"
+    out = Path(args.out) / "e2e"  # e2e_<sections>.json, so runs of different sections do not overwrite
     out.mkdir(parents=True, exist_ok=True)
     device = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     bench = Bench(args.model, args.batch, args.seed, args.cfg_scale)
@@ -136,11 +142,7 @@ def main(argv=None) -> dict:
         for r in rows:
             r["speedup"] = rows[0]["seconds"] / r["seconds"]
         section("methods", rows, cols[:5] + ["speedup"] + cols[5:], "Methods at their defaults")
-        pjd_row = rows[-1]
-        line_chart({"pjd": list(enumerate(pjd_row["accepted_per_step"], 1)),
-                    "sjd": list(enumerate(rows[1]["accepted_per_step"], 1))},
-                   out / "acceptance_per_step.png", title="image tokens committed per step (mean over batch)",
-                   xlabel="step", ylabel="tokens")
+        plot_acceptance(rows, out / "acceptance_per_step.png")
     if "context" in sections:
         rows = [bench.run(m, context=c) for c in contexts for m in ("pjd", "zipar")]
         section("context", rows, ["method", "context"] + cols[1:], "Row-activation context c")
@@ -163,8 +165,9 @@ def main(argv=None) -> dict:
                              for rc in (True, False)], ["method", "context", "row_causal"] + cols[1:],
                 "Row-causal mask ablation")
 
-    (out / "e2e.json").write_text(json.dumps(report, indent=2))
-    print(f"\ndevice: {device}; wrote {out}/e2e.json and plots")
+    json_path = out / f"e2e_{'_'.join(sections)}.json"
+    json_path.write_text(json.dumps(report, indent=2))
+    print(f"\ndevice: {device}; wrote {json_path} and plots")
     if args.docs:
         DOCS_DIR.mkdir(parents=True, exist_ok=True)
         for png in out.glob("*.png"):
