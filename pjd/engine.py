@@ -54,6 +54,18 @@ class Lanes:
     flush: torch.Tensor     # bool: a complete lane fed its last token only to cache its key
 
 
+@dataclass
+class Packed:
+    """One step's packed inputs: what the forward, the verification and the commit share."""
+
+    inputs: StepInputs           # row-causal metadata read by the attention hook and the cache
+    tokens: torch.Tensor         # int64 [Bx, N] input ids
+    rope: torch.Tensor           # int64 [Bx, N] position ids
+    lane_start: torch.Tensor | None = None        # [B, L] index of each lane's first input (-1: not fed)
+    dest: torch.Tensor | None = None              # [B, L*(W+1)] packed index of each grid entry (N: none)
+    writes_committed: torch.Tensor | None = None  # [B, L, W+1] leading inputs that write their key
+
+
 def generate(model, input_ids, *, height, width, method="pjd", window=None, context=None, top_k=0,
              top_p=1.0, temperature=1.0, cfg_scale=1.0, uncond_input_ids=None, attention_mask=None,
              uncond_attention_mask=None, image_token_range=None, eol_token_id=None, draft_init="random",
@@ -192,13 +204,14 @@ class _Decoder:
                 if step is None:
                     break
                 logits = self.forward(step, result)
-                verdict = self.verify(logits, lanes)
-                accepted = self.commit(verdict, lanes, step)
+                verdict = self.verify(logits, lanes, step)
+                accepted = self.commit(verdict, step)
                 result.steps += 1
                 result.accepted.append(accepted)
                 done = self.n.ge(self.lane_len).all(1)
                 finished_at = torch.where(done & (finished_at < 0), result.steps, finished_at)
-                bar.update(int(accepted.sum()))
+                if progress:
+                    bar.update(int(accepted.sum()))
         bar.close()
         plan = self.plan
         image = self.tokens[:self.B, self.P:self.dump].view(self.B, plan.height, plan.row_slots)[:, :, :plan.width]
@@ -214,7 +227,7 @@ class _Decoder:
             return
         pos = torch.arange(n, dtype=torch.int32, device=self.device).expand(self.Bx, n)
         real = self.real[:, :n]
-        step = StepInputs(
+        inputs = StepInputs(
             q_pos=torch.where(real, pos, -1).int(),
             q_group=torch.full_like(pos, -1),
             key_pos=pos.clone(),
@@ -222,7 +235,7 @@ class _Decoder:
             slot=(self.cache_offset() + pos).long(),
             kv_len=self.cache_offset() + n,
         )
-        self.forward(step, result, tokens=self.tokens[:, :n], rope=self.rope[:, :n])
+        self.forward(Packed(inputs, self.tokens[:, :n], self.rope[:, :n]), result)
         self.cache.end(real)
         self.kv_ready[:, :n] = real[:self.B]
 
@@ -257,7 +270,7 @@ class _Decoder:
         return Lanes(fed=fed | flush, drafts=torch.where(fed, drafts, 0), rule=rule, room=left.clamp(min=0),
                      flush=flush)
 
-    def pack(self, lanes: Lanes) -> StepInputs | None:
+    def pack(self, lanes: Lanes) -> Packed | None:
         """Lay out this step's inputs: per fed lane, top to bottom, its leading input then its drafts."""
         plan, B, L, W, P = self.plan, self.B, self.L, self.W, self.P
         k = torch.arange(W + 1, device=self.device)
@@ -269,7 +282,6 @@ class _Decoder:
         N, max_raster = (int(x) for x in torch.stack([count.sum(1).max(), torch.where(valid, raster, 0).max()]).tolist())
         if N == 0:
             return None
-        self.lane_start = torch.where(lanes.fed, start, -1)
 
         # Tokens: the lane's last committed token (or leading token), then its drafts (EOL where forced).
         tokens = torch.cat([self.tokens[:B].gather(1, raster[..., 0])[..., None], self.draft_tokens], -1)
@@ -307,10 +319,8 @@ class _Decoder:
             out = torch.full((B, N + 1), fill, dtype=grid.dtype, device=self.device)
             return out.scatter_(1, dest, grid.reshape(B, -1))[:, :N]
 
-        self.packed_dest = dest
-        self.writes_committed = writes_committed
         q_pos = packed(raster, -1)
-        step = StepInputs(
+        inputs = StepInputs(
             q_pos=self._rows(q_pos).int(),
             q_group=self._rows(packed(lane.expand(B, L, W + 1), -1)).int(),
             key_pos=self._rows(torch.where(q_pos >= 0, q_pos, HIDDEN_POS)).int(),
@@ -320,10 +330,9 @@ class _Decoder:
         )
         raster_rows = self._rows(packed(raster, 0))
         # The first leading token is the last prompt token, which differs between cond/uncond rows.
-        self.step_tokens = torch.where(raster_rows < P, self.tokens.gather(1, raster_rows),
-                                       self._rows(packed(tokens, 0)))
-        self.step_rope = self.rope.gather(1, raster_rows)
-        return step
+        step_tokens = torch.where(raster_rows < P, self.tokens.gather(1, raster_rows), self._rows(packed(tokens, 0)))
+        return Packed(inputs, step_tokens, self.rope.gather(1, raster_rows),
+                      lane_start=torch.where(lanes.fed, start, -1), dest=dest, writes_committed=writes_committed)
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         """Per-image [B, ...] -> per batch row [Bx, ...] (cond and uncond rows share image metadata)."""
@@ -343,23 +352,22 @@ class _Decoder:
         n_above = torch.nn.functional.pad(self.n[:, :-1], (1, 0), value=1)
         return self.tokens[:self.B].gather(1, self.P + base_above + (n_above - 1).clamp(min=0))
 
-    def forward(self, step: StepInputs, result, tokens=None, rope=None) -> torch.Tensor:
+    def forward(self, step: Packed, result) -> torch.Tensor:
         t0 = time.perf_counter()
-        self.cache.begin(step)
-        with ActiveStep(self.cache, step, self.backend):
-            logits = self.adapter.forward(self.step_tokens if tokens is None else tokens,
-                                          self.step_rope if rope is None else rope)
+        self.cache.begin(step.inputs)
+        with ActiveStep(self.cache, step.inputs, self.backend):
+            logits = self.adapter.forward(step.tokens, step.rope)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         result.forward_seconds += time.perf_counter() - t0
         return logits
 
-    def verify(self, logits: torch.Tensor, lanes: Lanes):
+    def verify(self, logits: torch.Tensor, lanes: Lanes, step: Packed):
         if bool(torch.isnan(logits).any()):
             raise ValueError("the model produced NaN logits; pjd cannot sample from them")
         plan, B, L, W = self.plan, self.B, self.L, self.W
         return speculative_verify(
-            logits, self.lane_start.int(), lanes.drafts.int(), lanes.rule,
+            logits, step.lane_start.int(), lanes.drafts.int(), lanes.rule,
             (self.lane_base + self.n).int(), lanes.room.int(), self.draft_tokens, self.draft_q,
             self._uniform((B, L, W)), self._uniform((B, L, W + 1)), self._random_tokens((B, L, W)),
             image_token_range=(plan.lo, plan.hi), cfg_scale=self.cfg_scale, reuse_threshold=plan.reuse_threshold,
@@ -367,15 +375,15 @@ class _Decoder:
             width=plan.width, backend=self.backend, **self.sampling,
         )
 
-    def commit(self, verdict, lanes: Lanes, step: StepInputs) -> torch.Tensor:
+    def commit(self, verdict, step: Packed) -> torch.Tensor:
         """Write committed tokens, flip cache states, advance frontiers. Returns image tokens per image."""
         plan, B, W = self.plan, self.B, self.W
         k = torch.arange(W + 1, device=self.device)
         # Keys kept: leading inputs that wrote theirs, and every accepted draft.
         accepted = (k < verdict.num_accepted[..., None])
-        keep_grid = self.writes_committed | ((k >= 1) & (k <= verdict.num_accepted[..., None]))
-        keep = torch.zeros(B, step.q_pos.shape[1] + 1, dtype=torch.bool, device=self.device)
-        keep.scatter_(1, self.packed_dest, keep_grid.view(B, -1))
+        keep_grid = step.writes_committed | ((k >= 1) & (k <= verdict.num_accepted[..., None]))
+        keep = torch.zeros(B, step.tokens.shape[1] + 1, dtype=torch.bool, device=self.device)
+        keep.scatter_(1, step.dest, keep_grid.view(B, -1))
         self.cache.end(self._rows(keep[:, :-1]))
         # Lane offsets n + k as raster positions; writes that do not apply go to the dump column.
         slots = (self.P + self.lane_base + self.n)[..., None] + k             # [B, L, W+1]
@@ -384,7 +392,7 @@ class _Decoder:
         target = torch.where(committed, slots, dump).view(B, -1)
         self.tokens.scatter_(1, self._rows(target), self._rows(verdict.commit_tokens.view(B, -1)))
         self.kv_ready.scatter_(1, torch.where(accepted, slots, dump).view(B, -1), True)
-        self.kv_ready.scatter_(1, torch.where(self.writes_committed[..., 0], slots[..., 0] - 1, dump), True)
+        self.kv_ready.scatter_(1, torch.where(step.writes_committed[..., 0], slots[..., 0] - 1, dump), True)
         self.n = self.n + verdict.num_commit.long()
         self.draft_tokens, self.draft_q = verdict.next_tokens, verdict.next_q
         is_image = (slots - self.P) % plan.row_slots < plan.width
