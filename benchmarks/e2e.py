@@ -72,6 +72,7 @@ class Bench:
                    seconds=r.wall_seconds,
                    forward_seconds=r.forward_seconds, overhead_share=1 - r.forward_seconds / r.wall_seconds,
                    nll_per_token=float(nll.mean()),
+                   nll_sem=float(nll.std() / len(nll) ** 0.5) if len(nll) > 1 else None,
                    accepted_per_step=torch.stack(r.accepted).double().mean(1).tolist())
         if self.decode is not None and self.batch >= FD_MIN_IMAGES:
             if self.real is None:
@@ -125,10 +126,10 @@ def main(argv=None) -> dict:
             f"{','.join(sections)}`; device: {device}; grid {bench.height}x{w}, batch {args.batch}, "
             f"CFG {args.cfg_scale}, seed {args.seed}. `step_compression` = AR steps / forward passes of the batch "
             f"(the slowest image sets them); `per_image_compression` = AR steps / mean steps each image needed "
-            f"(the paper's batch-1 figure). Wall seconds are CPU times: per-step compute on a CPU grows with the "
+            f"(the paper's batch-1 figure); `nll_sem` = standard error of the mean NLL over the images. Wall seconds are CPU times: per-step compute on a CPU grows with the "
             f"inputs per step, so they say nothing about GPU latency.\n")
     cols = ["method", "steps", "step_compression", "per_image_compression", "seconds", "overhead_share",
-            "nll_per_token", "frechet_distance"]
+            "nll_per_token", "nll_sem", "frechet_distance"]
 
     def section(name, rows, keys, title):
         nonlocal text
