@@ -54,10 +54,10 @@ def line_chart(series: dict[str, list[tuple[float, float]]], path: Path, *, titl
     import math
 
     font = ImageFont.load_default()
-    width, height, left, right, top, bottom = 560, 340, 60, 130, 30, 40
+    width, height, left, right, top, bottom = 560, 350, 60, 130, 40, 40
     img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)
-    draw.text((left, 8), title, fill="black", font=font)
+    draw.text((left, 4), title, fill="black", font=font)
     points = [p for pts in series.values() for p in pts if p[1] == p[1]]
     fx = (lambda x: math.log2(x)) if log_x else (lambda x: x)
     xs, ys = [fx(p[0]) for p in points], [p[1] for p in points]
@@ -81,7 +81,7 @@ def line_chart(series: dict[str, list[tuple[float, float]]], path: Path, *, titl
         _, py = to_px(x0 if not log_x else 2 ** x0, y)
         draw.text((4, py - 6), f"{y:.3g}", fill="black", font=font)
     draw.text((left + 150, height - 16), xlabel, fill="black", font=font)
-    draw.text((4, top - 18), ylabel, fill="black", font=font)
+    draw.text((4, top - 16), ylabel, fill="black", font=font)
     for i, (name, pts) in enumerate(series.items()):
         color = PALETTE[i % len(PALETTE)]
         pix = [to_px(x, y) for x, y in pts if y == y]

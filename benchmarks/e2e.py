@@ -89,6 +89,14 @@ def plot_acceptance(rows: list[dict], path: Path) -> None:
                path, title="image tokens committed per step (mean over batch)", xlabel="step", ylabel="tokens")
 
 
+def plot_context(rows: list[dict], out: Path, grid: str) -> None:
+    """Per-image step compression and NLL / token against the row-activation context c."""
+    for key, name, label in (("per_image_compression", "compression_vs_context.png", "per-image step compression"),
+                             ("nll_per_token", "quality_vs_context.png", "NLL / token")):
+        line_chart({m: [(r["context"], r[key]) for r in rows if r["method"] == m] for m in ("pjd", "zipar")},
+                   out / name, title=f"{label} vs context c ({grid})", xlabel="context c", ylabel=label, log_x=True)
+
+
 def table(title: str, rows: list[dict], keys: list[str]) -> str:
     lines = [f"\n### {title}", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for r in rows:
@@ -147,11 +155,7 @@ def main(argv=None) -> dict:
     if "context" in sections:
         rows = [bench.run(m, context=c) for c in contexts for m in ("pjd", "zipar")]
         section("context", rows, ["method", "context"] + cols[1:], "Row-activation context c")
-        for key, name, label in (("step_compression", "compression_vs_context.png", "step compression"),
-                                 ("nll_per_token", "quality_vs_context.png", "NLL / token")):
-            line_chart({m: [(r["context"], r[key]) for r in rows if r["method"] == m] for m in ("pjd", "zipar")},
-                       out / name, title=f"{label} vs context c ({bench.height}x{w})", xlabel="context c",
-                       ylabel=label, log_x=True)
+        plot_context(rows, out, f"{bench.height}x{w}")
     if "window" in sections:
         section("window", [bench.run("pjd", window=k) for k in (1, 3, 7, 11, 15)], ["method", "window"] + cols[1:],
                 "pjd draft window")
