@@ -35,7 +35,7 @@ def run_demo(methods=("ar", "sjd", "pjd"), batch=8, seed=0, cfg_scale=3.0, top_k
         rows.append(dict(
             method=method, steps=result.steps,
             step_compression=dm.height * dm.width / result.steps,
-            mean_steps_per_image=float(result.steps_per_image.double().mean()),
+            per_image_compression=dm.height * dm.width / float(result.steps_per_image.double().mean()),
             seconds=result.wall_seconds, forward_seconds=result.forward_seconds,
             nll_per_token=float(nll.mean()),
         ))
@@ -93,8 +93,9 @@ def save_grid(dm, images: dict, labels: list[str], path: Path, scale: int = 6) -
 
 def print_table(rows: list[dict], device: str) -> None:
     print(f"\ndevice: {device}")
-    cols = ["method", "steps", "step_compression", "seconds", "speedup", "nll_per_token", "frechet_distance"]
-    header = ["method", "steps", "compression", "wall s", "speed-up", "NLL/token", "FD"]
+    cols = ["method", "steps", "step_compression", "per_image_compression", "seconds", "speedup", "nll_per_token",
+            "frechet_distance"]
+    header = ["method", "steps", "compression", "per image", "wall s", "speed-up", "NLL/token", "FD"]
     print(" | ".join(f"{h:>11}" for h in header))
     for r in rows:
         cells = []
