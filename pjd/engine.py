@@ -9,12 +9,14 @@
         commit(result)               tokens, cache states, lane frontiers
 
 State lives on the model's device; each step synchronises with the host once (the packed input
-width N and the cache length are shapes). Randomness is drawn on a CPU generator and moved to the
-device, so a seed gives the same tokens whatever the device, backend or cache layout.
+width N and the cache length are shapes). Randomness is counter-based per image (pjd.rng): image i's
+draws are a function of (seed, image_index[i], step, lane, slot) computed with int64 tensor ops on
+the device, so an image's tokens do not depend on its batch, the device, backend or cache layout.
 """
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +26,7 @@ from pjd.models.base import adapter_for
 from pjd.ops._backend import resolve_backend
 from pjd.ops.speculative_verify import PREFIX, TOP, speculative_verify
 from pjd.plan import DecodePlan, check_tensor, make_plan
+from pjd.rng import DrawStream, check_seed
 
 BIG = 1 << 30
 
@@ -70,7 +73,7 @@ def generate(model, input_ids, *, height, width, method="pjd", window=None, cont
              top_p=1.0, temperature=1.0, cfg_scale=1.0, uncond_input_ids=None, attention_mask=None,
              uncond_attention_mask=None, image_token_range=None, eol_token_id=None, draft_init="random",
              reuse_threshold=0.5, cache="slot", backend="auto", generator=None, seed=None, progress=False,
-             row_causal=True) -> GenerationResult:
+             row_causal=True, image_index=None) -> GenerationResult:
     """Generate a height x width grid of image tokens per prompt.
 
     Args:
@@ -86,7 +89,12 @@ def generate(model, input_ids, *, height, width, method="pjd", window=None, cont
         eol_token_id: forced end-of-line token after every row (row_slots = width + 1).
         draft_init: "random" | "repeat_left". reuse_threshold: pjd / sjd++ draft reuse (None: off).
         cache: "slot" | "append". backend: "auto" | "torch" | "triton" (attention and verification).
-        generator / seed: randomness (a CPU torch.Generator, or a seed for a fresh one).
+        seed: non-negative int (default 0). Image b draws its random numbers from its own stream
+            keyed by ``(seed, image_index[b])`` (pjd.rng), so its tokens are the same whatever batch,
+            batch position, rank or device decodes it.
+        image_index: int ``[B]`` (list or tensor) global index of each image in the run (default
+            ``arange(B)``); pass the indices of the images a batch holds when splitting a run.
+        generator: deprecated; a seed is drawn from this CPU torch.Generator.
         row_causal: False lets drafts see other rows' drafts (the paper's ablation).
     """
     adapter = adapter_for(model)
@@ -98,20 +106,35 @@ def generate(model, input_ids, *, height, width, method="pjd", window=None, cont
     resolve_backend(backend, adapter.device)  # fail before any work if the backend cannot run here
     if generator is not None and seed is not None:
         raise ValueError("pass either generator or seed, not both")
-    if generator is None:
-        generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
-    elif generator.device.type != "cpu":
-        raise ValueError(f"generator must be a CPU torch.Generator (device-independent draws), got {generator.device}")
+    if generator is not None:
+        warnings.warn("generate(generator=...) is deprecated: pass seed= (per-image streams, pjd.rng)",
+                      DeprecationWarning, stacklevel=2)
+        seed = int(torch.randint(0, 2**62, (), generator=generator))
+    seed = check_seed(0 if seed is None else seed)
     decoder = _Decoder(adapter, plan, input_ids, attention_mask, uncond_input_ids, uncond_attention_mask,
                        cfg_scale, dict(top_k=top_k, top_p=float(top_p), temperature=float(temperature)),
-                       draft_init, cache, backend, generator)
+                       draft_init, cache, backend, seed, image_index)
     return decoder.run(progress)
+
+
+def _image_index(image_index, B: int, device) -> torch.Tensor:
+    """int64 [B] on ``device``: the images' global indices (default 0..B-1), checked."""
+    if image_index is None:
+        return torch.arange(B, device=device)
+    index = torch.as_tensor(image_index)
+    if index.ndim != 1 or index.dtype.is_floating_point or index.dtype == torch.bool:
+        raise ValueError(f"image_index: expected integer [B], got {index.dtype} {tuple(index.shape)}")
+    if index.shape[0] != B:
+        raise ValueError(f"image_index: expected {B} indices (one per prompt), got {index.shape[0]}")
+    if index.numel() and int(index.min()) < 0:
+        raise ValueError("image_index: expected non-negative indices")
+    return index.long().to(device)
 
 
 class _Decoder:
     def __init__(self, adapter, plan: DecodePlan, input_ids, attention_mask, uncond_input_ids,
-                 uncond_attention_mask, cfg_scale, sampling, draft_init, cache, backend, generator):
-        self.adapter, self.plan, self.backend, self.generator = adapter, plan, backend, generator
+                 uncond_attention_mask, cfg_scale, sampling, draft_init, cache, backend, seed, image_index):
+        self.adapter, self.plan, self.backend = adapter, plan, backend
         self.sampling, self.draft_init, self.cfg_scale = sampling, draft_init, float(cfg_scale)
         device = self.device = adapter.device
         prompt, mask = self._prompts(input_ids, attention_mask, uncond_input_ids, uncond_attention_mask)
@@ -137,7 +160,8 @@ class _Decoder:
         self.lane_base = torch.tensor(plan.lane_base, device=device)
         self.lane_len = torch.tensor(plan.lane_len, device=device)
         self.n = torch.zeros(self.B, L, dtype=torch.long, device=device)
-        self.draft_tokens = self._random_tokens((self.B, L, W))
+        self.draws = DrawStream(seed, _image_index(image_index, self.B, device), L, W, (plan.lo, plan.hi))
+        self.draft_tokens = self.draws.step(0)[2]
         self.draft_q = torch.nn.functional.one_hot(self.draft_tokens - plan.lo, plan.hi - plan.lo).float()
         if cache == "slot":
             self.cache = SlotCache(self.Bx, total, L, device)
@@ -183,13 +207,6 @@ class _Decoder:
             raise ValueError(f"{name}: the last prompt token of every row must be real (use left padding)")
         return mask
 
-    def _random_tokens(self, shape):
-        lo, hi = self.plan.lo, self.plan.hi
-        return torch.randint(lo, hi, shape, generator=self.generator).to(self.device)
-
-    def _uniform(self, shape):
-        return torch.rand(shape, generator=self.generator).to(self.device)
-
     # ------------------------------------------------------------------ the loop
     def run(self, progress: bool) -> GenerationResult:
         t0 = time.perf_counter()
@@ -204,7 +221,7 @@ class _Decoder:
                 if step is None:
                     break
                 logits = self.forward(step, result)
-                verdict = self.verify(logits, lanes, step)
+                verdict = self.verify(logits, lanes, step, self.draws.step(result.steps + 1))
                 accepted = self.commit(verdict, step)
                 result.steps += 1
                 result.accepted.append(accepted)
@@ -362,14 +379,13 @@ class _Decoder:
         result.forward_seconds += time.perf_counter() - t0
         return logits
 
-    def verify(self, logits: torch.Tensor, lanes: Lanes, step: Packed):
+    def verify(self, logits: torch.Tensor, lanes: Lanes, step: Packed, draws):
         if bool(torch.isnan(logits).any()):
             raise ValueError("the model produced NaN logits; pjd cannot sample from them")
-        plan, B, L, W = self.plan, self.B, self.L, self.W
+        plan = self.plan
         return speculative_verify(
             logits, step.lane_start.int(), lanes.drafts.int(), lanes.rule,
-            (self.lane_base + self.n).int(), lanes.room.int(), self.draft_tokens, self.draft_q,
-            self._uniform((B, L, W)), self._uniform((B, L, W + 1)), self._random_tokens((B, L, W)),
+            (self.lane_base + self.n).int(), lanes.room.int(), self.draft_tokens, self.draft_q, *draws,
             image_token_range=(plan.lo, plan.hi), cfg_scale=self.cfg_scale, reuse_threshold=plan.reuse_threshold,
             draft_init=self.draft_init, eol_token_id=plan.eol_token_id, row_slots=plan.row_slots,
             width=plan.width, backend=self.backend, **self.sampling,
