@@ -1,4 +1,5 @@
-"""Command line: `pjd demo` (the embedded default model) and `pjd generate` (a tiny random model)."""
+"""Command line: `pjd demo` (the embedded default model), `pjd generate` (a tiny random model),
+`pjd sample` (N images, sharded under torchrun, resumable) and `pjd eval` (their quality)."""
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,16 @@ def main(argv=None) -> int:
     gen.add_argument("--cache", choices=["slot", "append"], default="slot")
     gen.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
 
+    from pjd import sample
+
+    sample.add_arguments(sub.add_parser("sample", help="N images into a directory (PNG + npz), one process or torchrun"))
+
     args = parser.parse_args(argv)
+    if args.command == "sample":
+        try:
+            return sample.main(args)
+        except sample.SampleError as e:
+            parser.error(f"sample: {e}")
     if args.command == "demo":
         from pjd.demo import run_demo
 
