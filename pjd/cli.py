@@ -41,16 +41,18 @@ def main(argv=None) -> int:
     gen.add_argument("--cache", choices=["slot", "append"], default="slot")
     gen.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
 
-    from pjd import sample
+    from pjd import evaluate, sample
 
     sample.add_arguments(sub.add_parser("sample", help="N images into a directory (PNG + npz), one process or torchrun"))
+    evaluate.add_arguments(sub.add_parser("eval", help="FID and class accuracy of a sample directory or npz"))
 
     args = parser.parse_args(argv)
-    if args.command == "sample":
+    if args.command in ("sample", "eval"):
+        verb = sample if args.command == "sample" else evaluate
         try:
-            return sample.main(args)
-        except sample.SampleError as e:
-            parser.error(f"sample: {e}")
+            return verb.main(args)
+        except (sample.SampleError, evaluate.EvalError) as e:
+            parser.error(f"{args.command}: {e}")
     if args.command == "demo":
         from pjd.demo import run_demo
 
