@@ -95,7 +95,15 @@ def test_resume_after_lost_images_rewrites_only_those(reference, tmp_path):
     (out / IMAGE_DIR / ".000005.png.tmp-123").write_bytes(b"half a png")  # a killed writer's leftover
     summary = run_sample(_settings(), out, batch_size=4, progress=False)
     assert summary["generated"] == 2 and summary["per_rank"][0]["batches"] == 2  # chunks 0 and 2 only
+    assert summary["mismatched_on_resume"] == 0
     assert _files(out) == _files(reference[0])
+    # A file on disk that this run decodes differently is kept, and counted.
+    from pjd.sample import _read_png, _write_png
+
+    pixels, record = _read_png(out / IMAGE_DIR / "000000.png")
+    _write_png(out / IMAGE_DIR / "000000.png", 255 - pixels, record)
+    (out / IMAGE_DIR / "000003.png").unlink()
+    assert run_sample(_settings(), out, batch_size=4, progress=False)["mismatched_on_resume"] == 1
 
 
 def test_killed_run_resumes_to_the_same_result(tmp_path):
