@@ -89,3 +89,12 @@ def test_single_row_step_is_left_padded_causal_as_flash_attention_sees_it():
     i = torch.arange(nq)[None, :, None]
     flash_mask = (j <= nk - nq + i) & (j >= lead[:, None, None])
     assert torch.equal(flash_mask, attention.visibility_mask(q_pos, q_group, k_pos, k_group))
+
+
+def test_batch_invariance_report_on_the_tiny_model(capsys):
+    import batch_invariance
+
+    out = batch_invariance.main(["--model", "tiny", "--batch", "3", "--method", "sjd"])
+    assert len(out["logit_max_abs_diff"]) == 3 and len(out["images"]) == 3
+    assert all(r["tokens_differing"] == 0 and r["steps_in_batch"] == r["steps_alone"] for r in out["images"])
+    assert "images with any token differing: 0/3" in capsys.readouterr().out
