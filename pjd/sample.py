@@ -32,6 +32,7 @@ import torch
 import pjd
 from pjd import distributed
 from pjd.models.base import adapter_for
+from pjd.ops._backend import resolve_backend
 from pjd.plan import METHODS, make_plan
 from pjd.rng import check_seed
 
@@ -237,6 +238,10 @@ def _run(group, dev, settings, out, batch_size, backend, cache, npz, progress):
     t0 = time.perf_counter()
     dm = load_model(settings.model, dev)
     identity = run_identity(settings, dm)
+    try:
+        resolve_backend(backend, dev)
+    except (ValueError, RuntimeError) as e:
+        raise SampleError(str(e)) from e
     error = group.broadcast(_bind_directory(out, identity) if group.is_main else None)
     if error:
         raise SampleError(error)

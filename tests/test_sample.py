@@ -140,6 +140,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     (["--top-k", "99"], "top_k"),
     (["--prompts", "/nonexistent/prompts.txt"], "prompts"),
     (["--model", "huge"], "model"),
+    (["--backend", "triton"], "TRITON_INTERPRET"),
 ])
 def test_bad_arguments_are_refused(tmp_path, capsys, argv, match):
     base = ["sample", "--out", str(tmp_path / "o"), "--model", "tiny", "-n", "2", "--no-progress"]
