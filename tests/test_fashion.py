@@ -98,7 +98,7 @@ def trained_assets(fixture_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("assets")
     train_vq.main(["--data", str(fixture_dir), "--out", str(out), "--steps", "60", "--batch-size", "16",
                    "--codebook-size", "32", "--channels", "16", "--restart-every", "20"])
-    train_classifier.main(["--data", str(fixture_dir), "--out", str(out), "--epochs", "8", "--batch-size", "8"])
+    train_classifier.main(["--data", str(fixture_dir), "--out", str(out), "--epochs", "40", "--batch-size", "8"])
     train_gpt.main(["--data", str(fixture_dir), "--out", str(out), "--steps", "4", "--batch-size", "4", "--dim", "32",
                     "--layers", "1", "--heads", "2", "--eval-images", "4",
                     "--tokens-cache", str(out / "tokens.pt")])

@@ -39,7 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--minutes", type=float, default=None, help="fit --steps to this time budget (see above)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--layers", type=int, default=6)
