@@ -22,7 +22,7 @@ def main(argv=None) -> int:
 
     demo = sub.add_parser("demo", help="decode the embedded default model with several methods")
     demo.add_argument("--methods", type=_methods, default=["ar", "sjd", "pjd"])
-    demo.add_argument("--batch", type=int, default=8)
+    demo.add_argument("--batch", type=int, default=10, help="images per method (classes in turn: 10 shows each once)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--cfg-scale", type=float, default=3.0)
     demo.add_argument("--top-k", type=int, default=0)

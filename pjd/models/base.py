@@ -23,6 +23,7 @@ _FAMILIES = {
     "ChameleonForConditionalGeneration": "chameleon",
     "JanusForConditionalGeneration": "janus",
     "Emu3ForConditionalGeneration": "emu3",
+    "LlamaGenForCausalLM": "llamagen",
 }
 
 

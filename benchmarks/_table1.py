@@ -1,0 +1,145 @@
+"""The paper's Table 1 on the embedded Fashion-MNIST model: speed and quality of every method.
+
+Rows: ar, sjd, sjd++, zipar (c = width/4) and pjd over several contexts c (the default c = width/4
+included). Every row decodes the same classes (``samples`` images, equal count per class, class
+i % 10) in the same chunks with the same seeds. Columns: steps per image, step compression
+(``H*W / steps per image``, the paper's batch-1 figure), wall-clock seconds and speed-up over ar
+(CPU here: labelled with the device), FID against the test split and class accuracy (the shipped
+classifier, pjd.quality) each with a 95% percentile-bootstrap interval, and the model's own NLL per
+token (mean ± standard error). The JSON is rewritten after every row, so a cut-short run keeps the
+rows it finished.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import pjd
+
+
+def table1_rows(width: int, contexts=None) -> list[tuple[str, dict]]:
+    """(method, extra generate() kwargs) of each row, in table order."""
+    contexts = contexts or sorted({2, width // 4, width // 2, width})
+    return ([("ar", {}), ("sjd", {}), ("sjd++", {}), ("zipar", {"context": max(1, width // 4)})]
+            + [("pjd", {"context": c}) for c in contexts])
+
+
+def run_row(dm, method: str, kw: dict, labels: torch.Tensor, *, batch: int, cfg_scale: float, seed: int,
+            n_boot: int = 200) -> tuple[dict, torch.Tensor]:
+    """One row over ``labels`` in chunks of ``batch`` (chunk i seeded ``seed + i``): (the row, its tokens)."""
+    from pjd.quality import bootstrap_ci, class_correct, classifier_features, fid, nll_per_token
+
+    tokens, steps, seconds, nll = [], [], 0.0, []
+    for i, start in enumerate(range(0, len(labels), batch)):
+        chunk = labels[start:start + batch]
+        prompt = dm.prompt(chunk)
+        with torch.no_grad():
+            r = pjd.generate(dm.model, prompt, height=dm.height, width=dm.width, method=method,
+                             image_token_range=dm.image_token_range, cfg_scale=cfg_scale,
+                             uncond_input_ids=dm.null_prompt(len(chunk)) if cfg_scale != 1 else None,
+                             seed=seed + i, progress=False, **kw)
+        seconds += r.wall_seconds
+        tokens.append(r.tokens.cpu())
+        steps.append(r.steps_per_image.double().cpu())
+        nll.append(nll_per_token(dm.model, r.tokens, prompt, image_token_range=dm.image_token_range))
+    tokens, steps, nll = torch.cat(tokens), torch.cat(steps), torch.cat(nll).double()
+    images = dm.decode(tokens)
+    feats = classifier_features(images)
+    correct = class_correct(images, labels).double()
+    per_image = float(steps.mean())
+    return dict(method=method, **kw, samples=len(labels), steps_per_image=per_image,
+                step_compression=dm.height * dm.width / per_image, seconds=seconds,
+                fid=fid(feats), fid_ci=bootstrap_ci(feats, fid, n_boot=n_boot, seed=seed),
+                class_accuracy=float(correct.mean()),
+                class_accuracy_ci=bootstrap_ci(correct, lambda v: float(v.mean()), n_boot=n_boot, seed=seed),
+                nll_per_token=float(nll.mean()), nll_sem=float(nll.std() / len(nll) ** 0.5)), tokens
+
+
+def run_table1(dm, *, samples: int, batch: int, cfg_scale: float, seed: int, out: Path, device: str,
+               contexts=None, methods=None) -> list[dict]:
+    if samples % 10 or samples < 10:
+        raise ValueError(f"samples must be a positive multiple of 10 (equal count per class), got {samples}")
+    labels = torch.arange(samples) % len(dm.class_names)
+    rows, path = [], out / "table1.json"
+    for method, kw in table1_rows(dm.width, contexts):
+        if methods and method not in methods:
+            continue
+        start = time.time()
+        row, tokens = run_row(dm, method, kw, labels, batch=batch, cfg_scale=cfg_scale, seed=seed)
+        torch.save(tokens.short(), out / f"table1_tokens_{method}{kw.get('context', '')}.pt")
+        rows.append(row)
+        ar = next((r["seconds"] for r in rows if r["method"] == "ar"), None)
+        for r in rows:
+            r["speedup"] = ar / r["seconds"] if ar else None
+        path.write_text(json.dumps(dict(device=device, samples=samples, batch=batch, cfg_scale=cfg_scale,
+                                        seed=seed, rows=rows), indent=2))
+        print(f"{method} {kw}: {format_row(row)}  ({time.time() - start:.0f}s incl. scoring)", flush=True)
+    return rows
+
+
+def format_row(r: dict) -> str:
+    return (f"steps/img {r['steps_per_image']:.1f}  compression {r['step_compression']:.2f}  "
+            f"FID {r['fid']:.2f} [{r['fid_ci'][0]:.2f}, {r['fid_ci'][1]:.2f}]  "
+            f"acc {r['class_accuracy']:.3f} [{r['class_accuracy_ci'][0]:.3f}, {r['class_accuracy_ci'][1]:.3f}]  "
+            f"NLL {r['nll_per_token']:.3f}±{r['nll_sem']:.3f}  {r['seconds']:.0f}s")
+
+
+def markdown(rows: list[dict], device: str) -> str:
+    head = ("| method | c | samples | steps / image | step compression | wall s | speed-up (" + device + ") | "
+            "FID [95% CI] | class accuracy [95% CI] | NLL / token (± s.e.) |\n|" + "---|" * 10 + "\n")
+    lines = []
+    for r in rows:
+        speed = f"{r['speedup']:.2f}x" if r.get("speedup") else "-"
+        lines.append(f"| {r['method']} | {r.get('context', '-')} | {r['samples']} | {r['steps_per_image']:.1f} | "
+                     f"{r['step_compression']:.2f}x | {r['seconds']:.0f} | {speed} | {r['fid']:.2f} "
+                     f"[{r['fid_ci'][0]:.2f}, {r['fid_ci'][1]:.2f}] | {r['class_accuracy']:.3f} "
+                     f"[{r['class_accuracy_ci'][0]:.3f}, {r['class_accuracy_ci'][1]:.3f}] | "
+                     f"{r['nll_per_token']:.3f} ± {r['nll_sem']:.3f} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def plot_table1(rows: list[dict], out: Path) -> list[Path]:
+    """Step compression vs c (pjd, zipar) and FID vs step compression (every row), as PNG (matplotlib:
+    the optional ``bench`` extra; without it, no plots and a message)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed (pip install -e .[bench]): no Table-1 plots")
+        return []
+    paths = []
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for m in ("pjd", "zipar"):
+        pts = sorted((r["context"], r["step_compression"]) for r in rows if r["method"] == m)
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=m)
+    for m in ("sjd", "sjd++"):
+        r = next((r for r in rows if r["method"] == m), None)
+        if r:
+            ax.axhline(r["step_compression"], ls="--", lw=1, color="gray")
+            ax.annotate(m, (ax.get_xlim()[0], r["step_compression"]), fontsize=8, va="bottom")
+    ax.set(xlabel="context c (committed tokens before the next row starts)", ylabel="step compression (x)",
+           title="Step compression vs context c")
+    ax.legend()
+    fig.tight_layout()
+    paths.append(out / "table1_compression_vs_context.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for r in rows:
+        label = r["method"] + (f" c={r['context']}" if "context" in r else "")
+        lo, hi = r["fid_ci"]
+        ax.errorbar(r["step_compression"], r["fid"], yerr=[[r["fid"] - lo], [hi - r["fid"]]], fmt="o", capsize=3)
+        ax.annotate(label, (r["step_compression"], r["fid"]), fontsize=7, xytext=(4, 2), textcoords="offset points")
+    ax.set(xlabel="step compression (x)", ylabel="FID (classifier features; 95% CI)", title="FID vs step compression")
+    fig.tight_layout()
+    paths.append(out / "table1_fid_vs_compression.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
