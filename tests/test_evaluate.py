@@ -74,3 +74,47 @@ def test_bad_inputs(tmp_path, capsys, setup, match):
     with pytest.raises(SystemExit):
         cli.main(["eval", str(tmp_path / "d")])
     assert match in capsys.readouterr().err
+
+
+def _grey_run(folder, n=12):
+    """n grey 28x28 images (blurred noise, as RGB) and their requested classes, as `pjd sample` writes them."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.avg_pool2d(torch.rand(n, 1, 32, 32, generator=g), 5, 1)[:, 0] * 255
+    grey = x.to(torch.uint8)
+    labels = torch.arange(n) % 10
+    folder.mkdir()
+    np.savez(folder / "samples.npz", arr_0=grey[..., None].expand(n, 28, 28, 3).numpy())
+    records = [dict(index=i, class_id=int(c), file=f"images/{i:06d}.png") for i, c in enumerate(labels)]
+    (folder / "manifest.json").write_text(json.dumps(dict(settings={}, images=records)))
+    return grey, labels
+
+
+def test_default_measures_are_the_quality_api(tmp_path):
+    from pjd import quality
+
+    grey, labels = _grey_run(tmp_path / "run")
+    report = run_eval(tmp_path / "run", batch_size=5, write=False)
+    assert report["fid"] == pytest.approx(quality.fid(quality.classifier_features(grey)), rel=1e-9)
+    assert report["class_accuracy"] == pytest.approx(quality.class_accuracy(grey, labels))
+
+
+def test_eval_under_torchrun_matches_one_process(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from test_sample import _free_port
+
+    _grey_run(tmp_path / "run")
+    one = run_eval(tmp_path / "run", batch_size=5, write=False)
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--nnodes", "1",
+                           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "pjd.cli", "eval",
+                           str(tmp_path / "run"), "--batch-size", "5"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert two["world_size"] == 2
+    for key in ("fid", "class_accuracy", "per_class_accuracy", "images"):
+        assert two[key] == json.loads(json.dumps(one))[key], key
+    assert "FID" in proc.stdout
