@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from pjd import distributed
+from pjd.quality import bootstrap_ci
 from pjd.sample import IMAGE_DIR, MANIFEST_FILE, NPZ_FILE, _json_text, atomic_write, chunks
 
 EVAL_FILE = "eval.json"
@@ -93,12 +94,17 @@ def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None, Path]
     return images, labels, folder
 
 
-def run_eval(path: str | Path, *, batch_size: int = 500, measures: Measures | None = None,
+def run_eval(path: str | Path, *, batch_size: int = 500, bootstrap: int = 200, measures: Measures | None = None,
              write: bool = True) -> dict | None:
     """Measure the samples at ``path``; returns the report on rank 0 (None elsewhere) and writes it to
-    eval.json beside the samples when ``write``."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise EvalError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
+    eval.json beside the samples when ``write``. ``bootstrap`` >= 2 resamples of the images give a 95%
+    percentile interval of the class accuracy (0: none). FID gets none: resampling with replacement
+    duplicates images, which biases a resampled FID upward (its interval can miss the estimate)."""
+    for name, value, low in (("batch_size", batch_size, 1), ("bootstrap", bootstrap, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise EvalError(f"{name}: expected an integer >= {low}, got {value!r}")
+    if bootstrap == 1:
+        raise EvalError("bootstrap: expected 0 (off) or at least 2 resamples, got 1")
     images, labels, folder = load_samples(path)
     measures = measures or default_measures()
     group, _ = distributed.init("cpu")
@@ -114,11 +120,15 @@ def run_eval(path: str | Path, *, batch_size: int = 500, measures: Measures | No
         parts = sorted((p for rank_parts in gathered for p in rank_parts), key=lambda p: p[0])
         features = torch.cat([p[1] for p in parts])
         predicted = torch.cat([p[2] for p in parts])
+        reference = measures.reference()
         report = dict(samples=str(path), images=int(images.shape[0]), measures=measures.name, world_size=group.world,
-                      fid=measures.fid(features, measures.reference()))
+                      fid=measures.fid(features, reference))
         if labels is not None:
             correct = predicted.numpy() == labels
             report["class_accuracy"] = float(correct.mean())
+            if bootstrap:
+                report["class_accuracy_ci95"] = bootstrap_ci(torch.from_numpy(correct).double(),
+                                                             lambda v: float(v.mean()), n_boot=bootstrap)
             report["per_class_accuracy"] = {int(c): float(correct[labels == c].mean()) for c in np.unique(labels)}
         if write:
             atomic_write(folder / EVAL_FILE, lambda tmp: tmp.write_text(_json_text(report)))
@@ -129,17 +139,24 @@ def run_eval(path: str | Path, *, batch_size: int = 500, measures: Measures | No
 
 
 def print_report(report: dict) -> None:
-    acc = report.get("class_accuracy")
-    print(f"{report['samples']}: {report['images']} images, FID {report['fid']:.3f} ({report['measures']} features), "
-          f"class accuracy {'-' if acc is None else f'{acc:.4f}'}, on {report['world_size']} process(es)")
+    def value(key, fmt):
+        if key not in report:
+            return "-"
+        ci = report.get(f"{key}_ci95")
+        return f"{report[key]:{fmt}}" + (f" [{ci[0]:{fmt}}, {ci[1]:{fmt}}]" if ci else "")
+
+    print(f"{report['samples']}: {report['images']} images, FID {value('fid', '.3f')} ({report['measures']} "
+          f"features), class accuracy {value('class_accuracy', '.4f')} (95% bootstrap interval), "
+          f"on {report['world_size']} process(es)")
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("samples", help="a `pjd sample` directory or an .npz (arr_0: uint8 [N, H, W, 3])")
     parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--bootstrap", type=int, default=200, help="resamples for the accuracy's 95%% interval (0: none)")
     parser.add_argument("--no-write", action="store_true", help=f"print only, do not write {EVAL_FILE}")
 
 
 def main(args) -> int:
-    run_eval(args.samples, batch_size=args.batch_size, write=not args.no_write)
+    run_eval(args.samples, batch_size=args.batch_size, bootstrap=args.bootstrap, write=not args.no_write)
     return 0

@@ -41,6 +41,8 @@ def test_measures_over_chunks_equal_one_pass(tmp_path, batch_size):
     correct = m.classify(x).numpy() == labels
     assert report["class_accuracy"] == correct.mean()
     assert report["per_class_accuracy"] == {c: correct[labels == c].mean() for c in range(3) if (labels == c).any()}
+    lo, hi = report["class_accuracy_ci95"]
+    assert lo <= report["class_accuracy"] <= hi and lo < hi
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["fid"] == report["fid"]
 
 
@@ -59,6 +61,14 @@ def test_pngs_are_read_when_there_is_no_npz(tmp_path):
                progress=False)
     images, labels, _ = load_samples(out)
     assert images.shape == (5, 8, 8, 3) and labels.tolist() == [0, 1, 2, 3, 0]
+
+
+def test_bootstrap_off_and_bad(tmp_path):
+    _write_run(tmp_path / "run")
+    report = run_eval(tmp_path / "run", bootstrap=0, measures=_toy_measures(), write=False)
+    assert "class_accuracy_ci95" not in report
+    with pytest.raises(EvalError, match="bootstrap"):
+        run_eval(tmp_path / "run", bootstrap=1, measures=_toy_measures())
 
 
 @pytest.mark.parametrize("setup,match", [
@@ -115,6 +125,6 @@ def test_eval_under_torchrun_matches_one_process(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert two["world_size"] == 2
-    for key in ("fid", "class_accuracy", "per_class_accuracy", "images"):
+    for key in ("fid", "class_accuracy", "per_class_accuracy", "images", "class_accuracy_ci95"):
         assert two[key] == json.loads(json.dumps(one))[key], key
     assert "FID" in proc.stdout
