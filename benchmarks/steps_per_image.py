@@ -32,10 +32,22 @@ def mean_sem(x: torch.Tensor) -> tuple[float, float]:
     return float(x.mean()), float(x.std() / len(x) ** 0.5) if len(x) > 1 else float("nan")
 
 
-def measure(method: str, n: int, batch: int, seed: int, cfg_scale: float) -> dict:
+def measure(method: str, n: int, batch: int, seed: int, cfg_scale: float, log=None) -> dict:
+    """Decode n images in chunks; ``log(row)`` (if given) gets the summary so far after each chunk."""
     dm = default()
     steps, nll = [], []
     t0 = time.perf_counter()
+
+    def summary() -> dict:
+        all_steps, all_nll = torch.cat(steps), torch.cat(nll)
+        (s, s_se), (q, q_se) = mean_sem(all_steps), mean_sem(all_nll)
+        return dict(method=method, n=len(all_steps), batch=batch, seed=seed, cfg_scale=cfg_scale,
+                    grid=f"{dm.height}x{dm.width}", pjd_file=pjd.__file__,
+                    device=f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
+                    steps_mean=s, steps_sem=s_se, per_image_compression=dm.height * dm.width / s,
+                    nll_mean=q, nll_sem=q_se, seconds=time.perf_counter() - t0,
+                    steps_per_image=all_steps.tolist(), nll_per_image=all_nll.tolist())
+
     for c, first in enumerate(range(0, n, batch)):
         classes = torch.arange(first, min(first + batch, n)) % len(dm.class_names)
         prompt = dm.prompt(classes)
@@ -46,13 +58,9 @@ def measure(method: str, n: int, batch: int, seed: int, cfg_scale: float) -> dic
                              seed=seed + c)
         steps.append(r.steps_per_image.cpu())
         nll.append(nll_per_token(dm.model, r.tokens, prompt, image_token_range=dm.image_token_range).cpu())
-    steps, nll = torch.cat(steps), torch.cat(nll)
-    (s, s_se), (q, q_se) = mean_sem(steps), mean_sem(nll)
-    return dict(method=method, n=n, batch=batch, seed=seed, cfg_scale=cfg_scale, grid=f"{dm.height}x{dm.width}",
-                pjd_file=pjd.__file__, device=f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
-                steps_mean=s, steps_sem=s_se, per_image_compression=dm.height * dm.width / s,
-                nll_mean=q, nll_sem=q_se, seconds=time.perf_counter() - t0,
-                steps_per_image=steps.tolist(), nll_per_image=nll.tolist())
+        if log is not None:
+            log(summary())
+    return summary()
 
 
 def main(argv=None) -> dict:
@@ -66,15 +74,20 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.n < 1 or args.batch < 1:
         p.error(f"--n and --batch must be >= 1, got {args.n} and {args.batch}")
-    row = measure(args.method, args.n, args.batch, args.seed, args.cfg_scale)
+    out = Path(args.out or f"bench_out/steps_per_image_{args.method.replace('+', 'p')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(partial):  # a long run can be read (or cut short) at any chunk
+        out.write_text(json.dumps(partial, indent=1))
+        print(f"  {partial['n']} images: steps / image {partial['steps_mean']:.1f} ± {partial['steps_sem']:.1f}",
+              flush=True)
+
+    row = measure(args.method, args.n, args.batch, args.seed, args.cfg_scale, log)
     print(f"{row['method']} on {row['grid']} (n = {row['n']}, batch {row['batch']}, CFG {row['cfg_scale']}, "
           f"seed {row['seed']}, {row['device']}, pjd from {row['pjd_file']}):\n"
           f"  steps / image {row['steps_mean']:.1f} ± {row['steps_sem']:.1f} "
           f"(per-image compression {row['per_image_compression']:.2f}x)\n"
           f"  NLL / token   {row['nll_mean']:.3f} ± {row['nll_sem']:.3f}   ({row['seconds']:.0f} s)")
-    out = Path(args.out or f"bench_out/steps_per_image_{args.method.replace('+', 'p')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(row, indent=1))
     return row
 
 
