@@ -216,3 +216,7 @@ def test_table1_rows_on_a_fixture_model(trained_assets, tmp_path):
     assert markdown(rows, "cpu").count("\n") == 2 + len(rows)
     with pytest.raises(ValueError, match="samples"):
         run_table1(dm, samples=15, batch=10, cfg_scale=2.0, seed=0, out=tmp_path, device="cpu")
+    # A time budget stops after the first full round: every row keeps the same sample count.
+    cut = run_table1(dm, samples=40, batch=10, cfg_scale=2.0, seed=0, out=tmp_path, device="cpu",
+                     methods=["ar", "pjd"], minutes=0)
+    assert [r["samples"] for r in cut] == [10] * 5
