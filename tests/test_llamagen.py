@@ -5,6 +5,7 @@ A tiny random-weight GPT is written here in LlamaGen's on-disk format (key names
 checked against an independent from-scratch forward of LlamaGen's math: fused wqkv, 2-D RoPE on
 interleaved pairs built straight from its definition (zero class row), RMSNorm, SwiGLU.
 """
+import argparse
 import math
 
 import pytest
@@ -105,13 +106,16 @@ def reference_greedy(sd, label, cfg_scale, grid=GRID):
 def release(tmp_path_factory):
     sd = release_state_dict()
     path = tmp_path_factory.mktemp("llamagen") / "c2i_tiny_48.pt"
-    torch.save({"model": sd, "steps": 10, "args": {"gpt_model": "custom"}}, path)  # as LlamaGen's DDP trainer
+    # As LlamaGen's DDP trainer saves (train_c2i.py): the args Namespace needs the full unpickler.
+    torch.save({"model": sd, "optimizer": {"state": {}}, "steps": 10, "args": argparse.Namespace(gpt_model="custom")},
+               path)
     return sd, path
 
 
 @pytest.fixture(scope="module")
 def model(release):
-    return load_llamagen(release[1], gpt_model=ARCH, image_size=GRID * 16)
+    with pytest.warns(UserWarning, match="full unpickler"):
+        return load_llamagen(release[1], gpt_model=ARCH, image_size=GRID * 16)
 
 
 def test_logits_equal_reference(release, model):

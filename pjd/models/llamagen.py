@@ -34,14 +34,13 @@ Vocabulary layout (also for ``llamagen_prompt`` without a model):
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from .base import check_grid_size, engine_kwargs, to_pil
+from .base import check_grid_size, engine_kwargs, load_pickle, to_pil
 
 
 @dataclass(frozen=True)
@@ -250,19 +249,6 @@ def _check_weights(sd: dict, arch: LlamaGenArch, name) -> tuple[int, int]:
     return codebook_size, num_classes
 
 
-def _load_pickle(path, what: str):
-    """torch.load of a release checkpoint: the safe loader first; checkpoints that pickle more than tensors
-    (training state, as LlamaGen's and Lightning's trainers write) need the full unpickler."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{what} {str(path)!r} does not exist") from None
-    except Exception as safe_error:  # noqa: BLE001 (the unpickler raises several types)
-        warnings.warn(f"{what} {path}: not loadable with weights_only=True ({type(safe_error).__name__}); loading "
-                      "it with the full unpickler: only do this with files you trust", stacklevel=3)
-        return torch.load(path, map_location="cpu", weights_only=False)
-
-
 def load_llamagen(gpt_checkpoint, *, gpt_model, image_size: int, downsample: int = 16, vq_checkpoint=None,
                   vq_model=None, device="cpu", dtype: torch.dtype = torch.float32) -> LlamaGenForCausalLM:
     """A LlamaGen c2i release checkpoint as a ``LlamaGenForCausalLM`` (eval mode) for ``pjd.generate``.
@@ -290,7 +276,7 @@ def load_llamagen(gpt_checkpoint, *, gpt_model, image_size: int, downsample: int
         raise ValueError(f"image_size={image_size} must be a multiple of downsample={downsample}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    sd = _release_state_dict(_load_pickle(gpt_checkpoint, "gpt_checkpoint"))
+    sd = _release_state_dict(load_pickle(gpt_checkpoint, "gpt_checkpoint"))
     codebook_size, num_classes = _check_weights(sd, arch, gpt_model)
     config = llamagen_config(arch, codebook_size=codebook_size, num_classes=num_classes,
                              grid_size=image_size // downsample)
