@@ -212,6 +212,7 @@ def test_release_configs():
     assert GPT_MODELS["GPT-3B"].head_dim == 100 and GPT_MODELS["GPT-3B"].ffn_dim == 8704
 
 
+@pytest.mark.filterwarnings("ignore:.*full unpickler")
 def test_bad_inputs(tmp_path, release):
     sd, path = release
     with pytest.raises(ValueError, match="gpt_model"):

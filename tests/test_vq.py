@@ -88,6 +88,29 @@ def official_shapes(layout, *, ch, ch_mult, z, nres, codebook, dim, attn_levels)
     return s
 
 
+def taming_encoder_shapes(*, ch, ch_mult, z, nres, resolution, attn_resolutions):
+    """The full encoder of a taming VQGAN (Chameleon's vqgan.ckpt also holds it): down levels from the
+    highest resolution, attention where the resolution is in attn_resolutions, middle, conv_out to z."""
+    s = {"encoder.conv_in.weight": (ch, 3, 3, 3), "encoder.conv_in.bias": (ch,)}
+    block_in, res = ch, resolution
+    for level, mult in enumerate(ch_mult):
+        out = ch * mult
+        for j in range(nres):
+            s.update(_res(f"encoder.down.{level}.block.{j}", block_in, out))
+            block_in = out
+            if res in attn_resolutions:
+                s.update(_attn(f"encoder.down.{level}.attn.{j}", out))
+        if level != len(ch_mult) - 1:
+            s.update({f"encoder.down.{level}.downsample.conv.weight": (out, out, 3, 3),
+                      f"encoder.down.{level}.downsample.conv.bias": (out,)})
+            res //= 2
+    s.update(_res("encoder.mid.block_1", block_in, block_in) | _attn("encoder.mid.attn_1", block_in)
+             | _res("encoder.mid.block_2", block_in, block_in))
+    s.update({"encoder.norm_out.weight": (block_in,), "encoder.norm_out.bias": (block_in,),
+              "encoder.conv_out.weight": (z, block_in, 3, 3), "encoder.conv_out.bias": (z,)})
+    return s
+
+
 def random_weights(shapes, seed):
     g = torch.Generator().manual_seed(seed)
     sd = {}
@@ -159,9 +182,11 @@ def tiny_chameleon_vqgan(seed=1, attn_resolutions=(8,)):
                                   resolution=8, base_channels=t["ch"], channel_multiplier=list(t["ch_mult"]),
                                   num_res_blocks=t["nres"], attn_resolutions=list(attn_resolutions))
     levels = {i for i in range(2) if 8 // 2 ** i in attn_resolutions}
-    sd = random_weights(official_shapes("taming", ch=t["ch"], ch_mult=t["ch_mult"], z=t["z"], nres=t["nres"],
-                                        codebook=t["codebook"], dim=t["dim"], attn_levels=levels), seed)
-    return config, sd
+    shapes = official_shapes("taming", ch=t["ch"], ch_mult=t["ch_mult"], z=t["z"], nres=t["nres"],
+                             codebook=t["codebook"], dim=t["dim"], attn_levels=levels)
+    shapes |= taming_encoder_shapes(ch=t["ch"], ch_mult=t["ch_mult"], z=t["z"], nres=t["nres"], resolution=8,
+                                    attn_resolutions=attn_resolutions)
+    return config, random_weights(shapes, seed)
 
 
 def test_llamagen_vq_equals_reference(tmp_path):

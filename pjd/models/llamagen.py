@@ -288,8 +288,9 @@ def load_llamagen(gpt_checkpoint, *, gpt_model, image_size: int, downsample: int
     if vq_checkpoint is not None:
         from .vq import load_llamagen_vq
 
+        # fp32 whatever the GPT's dtype, as LlamaGen's sample script runs its VQ.
         model.image_decoder = load_llamagen_vq(vq_checkpoint, downsample=downsample, vq_model=vq_model,
-                                               codebook_size=codebook_size).to(device=device, dtype=dtype)
+                                               codebook_size=codebook_size).to(device)
     return model.eval()
 
 

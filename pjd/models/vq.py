@@ -224,16 +224,26 @@ def chameleon_vq_config(vq_config) -> VQConfig:
                     l2_norm=False)
 
 
-def load_chameleon_vqgan(path, vq_config) -> VQDecoder:
-    """Meta's Chameleon ``vqgan.ckpt`` (a Lightning checkpoint, ``{"state_dict": ...}``) as a VQDecoder."""
+def read_chameleon_vqgan(path) -> dict:
+    """The state dict of Meta's Chameleon ``vqgan.ckpt`` (a Lightning checkpoint, ``{"state_dict": ...}``)."""
     ckpt = load_pickle(path, "vqgan_checkpoint")
     sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict) or "quantize.embedding.weight" not in sd:
         raise ValueError(f"vqgan_checkpoint {str(path)!r} is not a Chameleon VQGAN checkpoint ({{'state_dict': ...}} "
                          "with 'quantize.embedding.weight')")
+    return sd
+
+
+def chameleon_vqgan_decoder(state_dict: dict, vq_config) -> VQDecoder:
+    """A VQDecoder from a Chameleon VQGAN state dict (taming names) and transformers' ``ChameleonVQVAEConfig``."""
     config = chameleon_vq_config(vq_config)
-    return load_decoder(taming_to_llamagen_keys(sd, len(config.ch_mult)), config, "vqgan_checkpoint")
+    return load_decoder(taming_to_llamagen_keys(state_dict, len(config.ch_mult)), config, "vqgan_checkpoint")
+
+
+def load_chameleon_vqgan(path, vq_config) -> VQDecoder:
+    """Meta's Chameleon ``vqgan.ckpt`` as a VQDecoder (``vq_config``: the model's ``config.vq_config``)."""
+    return chameleon_vqgan_decoder(read_chameleon_vqgan(path), vq_config)
 
 
 __all__ = ["VQConfig", "VQDecoder", "LLAMAGEN_VQ", "load_decoder", "load_llamagen_vq", "load_chameleon_vqgan",
-           "chameleon_vq_config", "taming_to_llamagen_keys"]
+           "read_chameleon_vqgan", "chameleon_vqgan_decoder", "chameleon_vq_config", "taming_to_llamagen_keys"]
