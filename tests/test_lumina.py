@@ -18,7 +18,7 @@ from test_vq import TINY, tiny_chameleon_vqgan
 from transformers import ChameleonForConditionalGeneration
 
 import pjd
-from pjd.models import decode_images, load_lumina_mgpt, lumina_prompt
+from pjd.models import decode_images, load_lumina_mgpt, lumina_prompt, lumina_text_ids
 from pjd.models.chameleon import codebook_ids
 from pjd.models.vq import chameleon_vqgan_decoder
 
@@ -212,3 +212,17 @@ def test_bad_inputs(tmp_path, release):
     (tmp_path / "config.json").write_text((release[0] / "config.json").read_text())
     with pytest.raises(FileNotFoundError, match="safetensors"):
         load_lumina_mgpt(tmp_path)
+
+
+def test_text_ids():
+    """Lumina's request text: "{W}x{H}" in pixels, then the turn separator; BOS first, no other specials."""
+    class Tokenizer:
+        bos_token_id = 1
+
+        def encode(self, text, add_special_tokens):
+            assert not add_special_tokens
+            return [ord(c) for c in text]
+
+    ids = lumina_text_ids(Tokenizer(), "a cat", height=48, width=32)
+    assert ids[0] == 1 and "".join(map(chr, ids[1:])) == \
+        "Generate an image of 512x768 according to the following prompt:\na cat<reserved08706>"

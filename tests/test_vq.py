@@ -72,7 +72,8 @@ def official_shapes(layout, *, ch, ch_mult, z, nres, codebook, dim, attn_levels)
         s["loss.discriminator.main.0.weight"] = (64, 3, 4, 4)
     block_in = ch * ch_mult[-1]
     s.update({"decoder.conv_in.weight": (block_in, z, 3, 3), "decoder.conv_in.bias": (block_in,)})
-    s.update(_res(names.mid[0], block_in, block_in) | _attn(names.mid[1], block_in) | _res(names.mid[2], block_in, block_in))
+    s.update(_res(names.mid[0], block_in, block_in) | _attn(names.mid[1], block_in)
+             | _res(names.mid[2], block_in, block_in))
     for level in reversed(range(L)):
         out = ch * ch_mult[level]
         for j in range(nres + 1):

@@ -41,6 +41,21 @@ EOL = "<reserved08799>"
 LATENT_PER_SIZE_TOKEN = 2  # one size unit = 32 px = 2 tokens of the 16x VQ
 
 
+TURN_END = "<reserved08706>"  # Lumina-mGPT's conversation separator
+
+
+def lumina_text_ids(tokenizer, prompt: str, *, height: int, width: int) -> list[int]:
+    """Token ids of Lumina-mGPT's text-to-image request for a ``height x width`` token grid (16 px per
+    token): BOS + "Generate an image of {W}x{H} according to the following prompt:\n{prompt}" + turn end,
+    as its ``FlexARInferenceSolver`` tokenizes a one-question conversation (``tokenizer``: the
+    release directory's ``AutoTokenizer``)."""
+    check_grid_size(height, width)
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+    text = f"Generate an image of {16 * width}x{16 * height} according to the following prompt:\n{prompt}{TURN_END}"
+    return [tokenizer.bos_token_id] + list(tokenizer.encode(text, add_special_tokens=False))
+
+
 def size_token(n: int) -> str:
     return f"<reserved{8800 + n:05d}>"
 
@@ -194,5 +209,5 @@ def decode_images(model, tokens: torch.Tensor) -> list:
         return to_pil(decoder.decode(codebook_ids(model, tokens).to(next(decoder.parameters()).device)))
 
 
-__all__ = ["ChameleonAdapter", "lumina_prompt", "codebook_ids", "image_token_range", "load_lumina_mgpt",
-           "decode_images"]
+__all__ = ["ChameleonAdapter", "lumina_prompt", "lumina_text_ids", "codebook_ids", "image_token_range",
+           "load_lumina_mgpt", "decode_images"]

@@ -18,8 +18,9 @@ from .base import (as_sequences, check_grid_size, contiguous_range, engine_kwarg
                    vocab_id)
 
 POSITIVE_SUFFIX = " masterpiece, film grained, best quality."
-NEGATIVE_PROMPT = ("lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, fewer digits, cropped, "
-                   "worst quality, low quality, normal quality, jpeg artifacts, signature, watermark, username, blurry.")
+NEGATIVE_PROMPT = ("lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, fewer digits, "
+                   "cropped, worst quality, low quality, normal quality, jpeg artifacts, signature, watermark, "
+                   "username, blurry.")
 IMAGE_START = "<|image start|>"
 IMAGE_WRAPPER = "<|image token|>"
 

@@ -185,7 +185,8 @@ def _to_hf(sd: dict, config: LlamaConfig) -> dict:
         src, dst = f"layers.{i}.", f"model.layers.{i}."
         q, k, v = sd[src + "attention.wqkv.weight"].split([H * D, Hkv * D, Hkv * D])
         out.update({dst + "self_attn.q_proj.weight": q[q_rows], dst + "self_attn.k_proj.weight": k[k_rows],
-                    dst + "self_attn.v_proj.weight": v, dst + "self_attn.o_proj.weight": sd[src + "attention.wo.weight"],
+                    dst + "self_attn.v_proj.weight": v,
+                    dst + "self_attn.o_proj.weight": sd[src + "attention.wo.weight"],
                     dst + "mlp.gate_proj.weight": sd[src + "feed_forward.w1.weight"],
                     dst + "mlp.up_proj.weight": sd[src + "feed_forward.w3.weight"],
                     dst + "mlp.down_proj.weight": sd[src + "feed_forward.w2.weight"],
@@ -237,7 +238,8 @@ def _check_weights(sd: dict, arch: LlamaGenArch, name) -> tuple[int, int]:
     for key in ("tok_embeddings.weight", "cls_embedding.embedding_table.weight"):
         if key not in sd:
             raise ValueError(f"gpt_checkpoint has no {key!r}: not a LlamaGen class-conditional (c2i) GPT")
-    codebook_size, num_classes = sd["tok_embeddings.weight"].shape[0], sd["cls_embedding.embedding_table.weight"].shape[0] - 1
+    codebook_size = sd["tok_embeddings.weight"].shape[0]
+    num_classes = sd["cls_embedding.embedding_table.weight"].shape[0] - 1  # the last row is the null class
     expected = _expected_shapes(arch, codebook_size, num_classes)
     missing = sorted(set(expected) - set(sd))
     # LlamaGen's sample script loads with strict=False; "freqs_cis" (the RoPE table) is the known extra.
@@ -311,7 +313,8 @@ def llamagen_prompt(labels, *, model=None, codebook_size: int | None = None, num
     if model is not None:
         config = model.config
         if not isinstance(model, LlamaGenForCausalLM):
-            raise TypeError(f"model must be a LlamaGenForCausalLM (pjd.models.load_llamagen), got {type(model).__name__}")
+            raise TypeError(f"model must be a LlamaGenForCausalLM (pjd.models.load_llamagen), "
+                            f"got {type(model).__name__}")
         for name, given, own in (("codebook_size", codebook_size, config.codebook_size),
                                  ("num_classes", num_classes, config.num_classes), ("width", width, config.grid_size)):
             if given is not None and given != own:
