@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.loss.loss_utils import ForCausalLMLoss
 
 from .base import check_grid_size, engine_kwargs, load_pickle, to_pil
 
@@ -154,6 +155,11 @@ class LlamaGenForCausalLM(LlamaForCausalLM):
         self.model.rotary_emb = LlamaGenRotaryEmbedding(config)
         self.image_decoder = None
         self.post_init()
+
+    def loss_function(self, logits, labels, vocab_size, **kwargs):
+        """transformers' causal-LM loss, over the head's width (the codebook) instead of config.vocab_size:
+        ``model(input_ids=[class, image...], labels=[-100, image...]).loss`` is LlamaGen's training loss."""
+        return ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1], **kwargs)
 
 
 def _half_rotation_rows(n_heads: int, head_dim: int) -> torch.Tensor:
