@@ -137,16 +137,17 @@ class LlamaGenRotaryEmbedding(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor):
-        if position_ids.numel() and int(position_ids.max()) >= self.cos.shape[0]:
-            raise ValueError(f"position id {int(position_ids.max())} is past LlamaGen's 2-D RoPE table "
-                             f"({self.cos.shape[0]} positions: the class token and the image grid)")
+        # No range check here (it would sync the GPU every layer call): the engine refuses grids past
+        # max_position_embeddings (= the table's rows) before decoding.
         return self.cos[position_ids].to(x.dtype), self.sin[position_ids].to(x.dtype)
 
 
 class LlamaGenForCausalLM(LlamaForCausalLM):
     """LlamaForCausalLM with LlamaGen's 2-D RoPE and an output head over the codebook only.
 
-    ``image_decoder`` (a ``pjd.models.vq.VQDecoder`` or None) is what ``pjd.models.decode_images`` uses.
+    ``image_decoder`` is what ``pjd.models.decode_images`` uses: None, a ``pjd.models.vq.VQDecoder``
+    (``load_llamagen(vq_checkpoint=...)``), or any module whose ``decode(ids int64 [B, h, w])`` returns
+    pixels ``[B, 3, H, W]`` in [-1, 1].
     """
 
     def __init__(self, config: LlamaConfig):
