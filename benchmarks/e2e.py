@@ -125,6 +125,8 @@ def main(argv=None) -> dict:
     p.add_argument("--table1-samples", type=int, default=2000, help="images per row (multiple of 10)")
     p.add_argument("--table1-batch", type=int, default=100, help="images decoded together")
     p.add_argument("--table1-methods", default="", help="comma list: only these rows' methods (default all)")
+    p.add_argument("--table1-minutes", type=float, default=None,
+                   help="stop after the chunk round that passes this budget (rows keep equal sample counts)")
     args = p.parse_args(argv)
     if args.table1:
         return table1_main(args)
@@ -201,11 +203,14 @@ def table1_main(args) -> dict:
     device = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     methods = [m for m in args.table1_methods.split(",") if m]
     rows = run_table1(default(), samples=args.table1_samples, batch=args.table1_batch, cfg_scale=args.cfg_scale,
-                      seed=args.seed, out=out, device=device, methods=methods)
+                      seed=args.seed, out=out, device=device, methods=methods, minutes=args.table1_minutes)
+    n = rows[0]["samples"]
+    budget = f" --table1-minutes {args.table1_minutes}" if args.table1_minutes is not None else ""
     text = (f"Command: `python benchmarks/e2e.py --table1 --table1-samples {args.table1_samples} --table1-batch "
-            f"{args.table1_batch} --cfg-scale {args.cfg_scale}`; device: {device}; default model (Fashion-MNIST, "
-            f"16x16 tokens), {args.table1_samples} images per row ({args.table1_samples // 10} per class, the same "
-            f"classes and seeds in every row), batches of {args.table1_batch}, CFG {args.cfg_scale}, seed {args.seed}. "
+            f"{args.table1_batch} --cfg-scale {args.cfg_scale}{budget}`; device: {device}; default model (Fashion-MNIST, "
+            f"16x16 tokens), **{n} images per row** ({n // 10} per class, the same classes and seeds in every row"
+            f"{'; stopped by the time budget before ' + str(args.table1_samples) if n < args.table1_samples else ''}), "
+            f"batches of {args.table1_batch}, rows interleaved chunk by chunk, CFG {args.cfg_scale}, seed {args.seed}. "
             "Wall seconds and speed-up are CPU figures (generation only, not scoring).\n\n" + markdown(rows, device))
     print("\n" + text)
     plots = plot_table1(rows, out)

@@ -102,3 +102,13 @@ def test_nll_per_token_rejects_bad_input():
     with pytest.raises(ValueError, match="prompt_ids"):
         nll_per_token(model, torch.zeros(1, 2, 2, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long),
                       image_token_range=(0, 6))
+
+
+def test_demo_writes_grid_and_scores(shipped, tmp_path):
+    from pjd.demo import run_demo
+
+    rows = run_demo(methods=("ar", "pjd"), batch=2, out=tmp_path, progress=False, model=shipped)
+    assert [r["method"] for r in rows] == ["ar", "pjd"]
+    assert all(0 <= r["class_accuracy"] <= 1 and r["steps"] >= 1 for r in rows)
+    assert rows[0]["steps"] == 256  # ar: one token per step on the 16 x 16 grid
+    assert (tmp_path / "demo.png").exists() and (tmp_path / "demo.json").exists()

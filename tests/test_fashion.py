@@ -189,3 +189,34 @@ def test_quality_rejects_bad_input():
                        classifier=FashionClassifier().eval())
     with pytest.raises(ValueError, match="features"):
         fid(torch.zeros(1, 128))
+
+
+def test_table1_rows_on_a_fixture_model(trained_assets, tmp_path):
+    import json
+    import sys
+    from pathlib import Path
+
+    from pjd.models import default
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from _table1 import markdown, run_table1, table1_rows
+
+    assert [m for m, _ in table1_rows(16)] == ["ar", "sjd", "sjd++", "zipar", "pjd", "pjd", "pjd", "pjd"]
+    assert [kw["context"] for m, kw in table1_rows(16) if m == "pjd"] == [4, 2, 8, 16]  # default c first
+    dm = default(assets=trained_assets)
+    rows = run_table1(dm, samples=20, batch=10, cfg_scale=2.0, seed=0, out=tmp_path, device="cpu",
+                      methods=["ar", "zipar"])
+    assert [r["method"] for r in rows] == ["ar", "zipar"]
+    ar, zipar = rows
+    assert ar["steps_per_image"] == 256 and ar["step_compression"] == 1.0 and ar["speedup"] == 1.0
+    assert zipar["step_compression"] > 1 and zipar["context"] == 4 and zipar["samples"] == 20
+    for r in rows:
+        assert r["fid_ci"][0] <= r["fid_ci"][1] and 0 <= r["class_accuracy"] <= 1
+    assert len(json.loads((tmp_path / "table1.json").read_text())["rows"]) == 2
+    assert markdown(rows, "cpu").count("\n") == 2 + len(rows)
+    with pytest.raises(ValueError, match="samples"):
+        run_table1(dm, samples=15, batch=10, cfg_scale=2.0, seed=0, out=tmp_path, device="cpu")
+    # A time budget stops after the first full round: every row keeps the same sample count.
+    cut = run_table1(dm, samples=40, batch=10, cfg_scale=2.0, seed=0, out=tmp_path, device="cpu",
+                     methods=["ar", "pjd"], minutes=0)
+    assert [r["samples"] for r in cut] == [10] * 5

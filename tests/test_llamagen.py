@@ -5,6 +5,7 @@ A tiny random-weight GPT is written here in LlamaGen's on-disk format (key names
 checked against an independent from-scratch forward of LlamaGen's math: fused wqkv, 2-D RoPE on
 interleaved pairs built straight from its definition (zero class row), RMSNorm, SwiGLU.
 """
+import argparse
 import math
 
 import pytest
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 
 import pjd
 from pjd.models import GPT_MODELS, LlamaGenForCausalLM, decode_images, llamagen_prompt, load_llamagen
-from pjd.models.llamagen import llamagen_config, llamagen_state_dict
+from pjd.models.llamagen import _to_hf, llamagen_config, llamagen_state_dict
 
 DIM, HEADS, LAYERS, FFN, K, CLASSES, GRID = 32, 2, 2, 96, 24, 5, 3
 BASE = 10000.0
@@ -105,13 +106,16 @@ def reference_greedy(sd, label, cfg_scale, grid=GRID):
 def release(tmp_path_factory):
     sd = release_state_dict()
     path = tmp_path_factory.mktemp("llamagen") / "c2i_tiny_48.pt"
-    torch.save({"model": sd, "steps": 10, "args": {"gpt_model": "custom"}}, path)  # as LlamaGen's DDP trainer
+    # As LlamaGen's DDP trainer saves (train_c2i.py): the args Namespace needs the full unpickler.
+    torch.save({"model": sd, "optimizer": {"state": {}}, "steps": 10, "args": argparse.Namespace(gpt_model="custom")},
+               path)
     return sd, path
 
 
 @pytest.fixture(scope="module")
 def model(release):
-    return load_llamagen(release[1], gpt_model=ARCH, image_size=GRID * 16)
+    with pytest.warns(UserWarning, match="full unpickler"):
+        return load_llamagen(release[1], gpt_model=ARCH, image_size=GRID * 16)
 
 
 def test_logits_equal_reference(release, model):
@@ -195,6 +199,11 @@ def test_custom_model_from_scratch(tmp_path):
     ids = torch.tensor([[K + 4, 1, 2, 3]])
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, fresh(input_ids=ids).logits)
+    # Training loss (LlamaGen's: the class token predicts the first image token, and so on).
+    labels = ids.clone()
+    labels[0, 0] = -100
+    out = fresh(input_ids=ids, labels=labels)
+    torch.testing.assert_close(out.loss, F.cross_entropy(out.logits[0, :-1], ids[0, 1:]))
 
 
 def test_release_configs():
@@ -208,6 +217,21 @@ def test_release_configs():
     assert GPT_MODELS["GPT-3B"].head_dim == 100 and GPT_MODELS["GPT-3B"].ffn_dim == 8704
 
 
+@pytest.mark.parametrize("name,layers,heads,dim", [("GPT-B", 12, 12, 768), ("GPT-L", 24, 16, 1024),
+                                                   ("GPT-XL", 36, 20, 1280), ("GPT-XXL", 48, 24, 1536),
+                                                   ("GPT-3B", 24, 32, 3200)])
+def test_release_shapes_convert(name, layers, heads, dim):
+    """Full-size release state dicts (shapes only, on the meta device) convert into the model strictly."""
+    ffn = -(-int(2 * 4 * dim / 3) // 256) * 256  # LlamaGen's FeedForward width
+    with torch.device("meta"):
+        sd = release_state_dict(dim=dim, heads=heads, layers=layers, ffn=ffn, codebook=16384, classes=1000)
+        config = llamagen_config(name, codebook_size=16384, num_classes=1000, grid_size=24)
+        model = LlamaGenForCausalLM(config)
+    model.load_state_dict(_to_hf(sd, config), strict=True, assign=True)
+    assert model.model.rotary_emb.cos.shape == (1 + 24 * 24, dim // heads)
+
+
+@pytest.mark.filterwarnings("ignore:.*full unpickler")
 def test_bad_inputs(tmp_path, release):
     sd, path = release
     with pytest.raises(ValueError, match="gpt_model"):

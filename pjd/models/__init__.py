@@ -1,7 +1,7 @@
 """Model adapters, prompt builders per family, tiny random-weight models, and the embedded default
 model (``pjd.models.default()``: class-conditional Fashion-MNIST in LlamaGen's format, pjd/fashion/)."""
 from .base import CausalLMAdapter, adapter_for, decode_images
-from .chameleon import ChameleonAdapter, lumina_prompt
+from .chameleon import ChameleonAdapter, load_lumina_mgpt, lumina_prompt, lumina_text_ids
 from .emu3 import emu3_prompt
 from .janus import JanusAdapter, janus_prompt
 from .llamagen import GPT_MODELS, LlamaGenArch, LlamaGenForCausalLM, llamagen_prompt, load_llamagen
@@ -10,5 +10,6 @@ from pjd.fashion.default import DefaultModel, default  # noqa: E402 (after .llam
 
 __all__ = ["CausalLMAdapter", "ChameleonAdapter", "JanusAdapter", "adapter_for", "decode_images",
            "llamagen_prompt", "load_llamagen", "LlamaGenForCausalLM", "LlamaGenArch", "GPT_MODELS",
-           "lumina_prompt", "janus_prompt", "emu3_prompt", "DefaultModel", "default",
+           "lumina_prompt", "lumina_text_ids", "load_lumina_mgpt", "janus_prompt", "emu3_prompt",
+           "DefaultModel", "default",
            "tiny_llama", "tiny_chameleon", "tiny_janus", "tiny_emu3"]

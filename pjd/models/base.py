@@ -12,6 +12,7 @@ subclass of a supported class is served too); ``decode_images(model, tokens)`` t
 from __future__ import annotations
 
 import importlib
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -149,6 +150,19 @@ def check_grid_size(height, width) -> None:
     for name, v in (("height", height), ("width", width)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int (image tokens), got {v!r}")
+
+
+def load_pickle(path, what: str):
+    """torch.load of a release checkpoint: the safe loader first; checkpoints that pickle more than tensors
+    (training state, as LlamaGen's and Lightning's trainers write) need the full unpickler."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist") from None
+    except Exception as safe_error:  # noqa: BLE001 (the unpickler raises several types)
+        warnings.warn(f"{what} {path}: not loadable with weights_only=True ({type(safe_error).__name__}); loading "
+                      "it with the full unpickler: only do this with files you trust", stacklevel=3)
+        return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def to_pil(pixels: torch.Tensor) -> list:

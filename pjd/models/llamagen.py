@@ -34,14 +34,14 @@ Vocabulary layout (also for ``llamagen_prompt`` without a model):
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.loss.loss_utils import ForCausalLMLoss
 
-from .base import check_grid_size, engine_kwargs, to_pil
+from .base import check_grid_size, engine_kwargs, load_pickle, to_pil
 
 
 @dataclass(frozen=True)
@@ -137,16 +137,17 @@ class LlamaGenRotaryEmbedding(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor):
-        if position_ids.numel() and int(position_ids.max()) >= self.cos.shape[0]:
-            raise ValueError(f"position id {int(position_ids.max())} is past LlamaGen's 2-D RoPE table "
-                             f"({self.cos.shape[0]} positions: the class token and the image grid)")
+        # No range check here (it would sync the GPU every layer call): the engine refuses grids past
+        # max_position_embeddings (= the table's rows) before decoding.
         return self.cos[position_ids].to(x.dtype), self.sin[position_ids].to(x.dtype)
 
 
 class LlamaGenForCausalLM(LlamaForCausalLM):
     """LlamaForCausalLM with LlamaGen's 2-D RoPE and an output head over the codebook only.
 
-    ``image_decoder`` (a ``pjd.models.vq.VQDecoder`` or None) is what ``pjd.models.decode_images`` uses.
+    ``image_decoder`` is what ``pjd.models.decode_images`` uses: None, a ``pjd.models.vq.VQDecoder``
+    (``load_llamagen(vq_checkpoint=...)``), or any module whose ``decode(ids int64 [B, h, w])`` returns
+    pixels ``[B, 3, H, W]`` in [-1, 1].
     """
 
     def __init__(self, config: LlamaConfig):
@@ -155,6 +156,11 @@ class LlamaGenForCausalLM(LlamaForCausalLM):
         self.model.rotary_emb = LlamaGenRotaryEmbedding(config)
         self.image_decoder = None
         self.post_init()
+
+    def loss_function(self, logits, labels, vocab_size, **kwargs):
+        """transformers' causal-LM loss, over the head's width (the codebook) instead of config.vocab_size:
+        ``model(input_ids=[class, image...], labels=[-100, image...]).loss`` is LlamaGen's training loss."""
+        return ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1], **kwargs)
 
 
 def _half_rotation_rows(n_heads: int, head_dim: int) -> torch.Tensor:
@@ -186,7 +192,8 @@ def _to_hf(sd: dict, config: LlamaConfig) -> dict:
         src, dst = f"layers.{i}.", f"model.layers.{i}."
         q, k, v = sd[src + "attention.wqkv.weight"].split([H * D, Hkv * D, Hkv * D])
         out.update({dst + "self_attn.q_proj.weight": q[q_rows], dst + "self_attn.k_proj.weight": k[k_rows],
-                    dst + "self_attn.v_proj.weight": v, dst + "self_attn.o_proj.weight": sd[src + "attention.wo.weight"],
+                    dst + "self_attn.v_proj.weight": v,
+                    dst + "self_attn.o_proj.weight": sd[src + "attention.wo.weight"],
                     dst + "mlp.gate_proj.weight": sd[src + "feed_forward.w1.weight"],
                     dst + "mlp.up_proj.weight": sd[src + "feed_forward.w3.weight"],
                     dst + "mlp.down_proj.weight": sd[src + "feed_forward.w2.weight"],
@@ -238,7 +245,8 @@ def _check_weights(sd: dict, arch: LlamaGenArch, name) -> tuple[int, int]:
     for key in ("tok_embeddings.weight", "cls_embedding.embedding_table.weight"):
         if key not in sd:
             raise ValueError(f"gpt_checkpoint has no {key!r}: not a LlamaGen class-conditional (c2i) GPT")
-    codebook_size, num_classes = sd["tok_embeddings.weight"].shape[0], sd["cls_embedding.embedding_table.weight"].shape[0] - 1
+    codebook_size = sd["tok_embeddings.weight"].shape[0]
+    num_classes = sd["cls_embedding.embedding_table.weight"].shape[0] - 1  # the last row is the null class
     expected = _expected_shapes(arch, codebook_size, num_classes)
     missing = sorted(set(expected) - set(sd))
     # LlamaGen's sample script loads with strict=False; "freqs_cis" (the RoPE table) is the known extra.
@@ -248,19 +256,6 @@ def _check_weights(sd: dict, arch: LlamaGenArch, name) -> tuple[int, int]:
         raise ValueError(f"gpt_checkpoint does not match gpt_model={name!r} ({arch}): missing {missing[:4]}, "
                          f"unexpected {unexpected[:4]}, wrong shapes {wrong[:4]}")
     return codebook_size, num_classes
-
-
-def _load_pickle(path, what: str):
-    """torch.load of a release checkpoint: the safe loader first; checkpoints that pickle more than tensors
-    (training state, as LlamaGen's and Lightning's trainers write) need the full unpickler."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{what} {str(path)!r} does not exist") from None
-    except Exception as safe_error:  # noqa: BLE001 (the unpickler raises several types)
-        warnings.warn(f"{what} {path}: not loadable with weights_only=True ({type(safe_error).__name__}); loading "
-                      "it with the full unpickler: only do this with files you trust", stacklevel=3)
-        return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def load_llamagen(gpt_checkpoint, *, gpt_model, image_size: int, downsample: int = 16, vq_checkpoint=None,
@@ -290,7 +285,7 @@ def load_llamagen(gpt_checkpoint, *, gpt_model, image_size: int, downsample: int
         raise ValueError(f"image_size={image_size} must be a multiple of downsample={downsample}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    sd = _release_state_dict(_load_pickle(gpt_checkpoint, "gpt_checkpoint"))
+    sd = _release_state_dict(load_pickle(gpt_checkpoint, "gpt_checkpoint"))
     codebook_size, num_classes = _check_weights(sd, arch, gpt_model)
     config = llamagen_config(arch, codebook_size=codebook_size, num_classes=num_classes,
                              grid_size=image_size // downsample)
@@ -302,8 +297,9 @@ def load_llamagen(gpt_checkpoint, *, gpt_model, image_size: int, downsample: int
     if vq_checkpoint is not None:
         from .vq import load_llamagen_vq
 
+        # fp32 whatever the GPT's dtype, as LlamaGen's sample script runs its VQ.
         model.image_decoder = load_llamagen_vq(vq_checkpoint, downsample=downsample, vq_model=vq_model,
-                                               codebook_size=codebook_size).to(device=device, dtype=dtype)
+                                               codebook_size=codebook_size).to(device)
     return model.eval()
 
 
@@ -324,7 +320,8 @@ def llamagen_prompt(labels, *, model=None, codebook_size: int | None = None, num
     if model is not None:
         config = model.config
         if not isinstance(model, LlamaGenForCausalLM):
-            raise TypeError(f"model must be a LlamaGenForCausalLM (pjd.models.load_llamagen), got {type(model).__name__}")
+            raise TypeError(f"model must be a LlamaGenForCausalLM (pjd.models.load_llamagen), "
+                            f"got {type(model).__name__}")
         for name, given, own in (("codebook_size", codebook_size, config.codebook_size),
                                  ("num_classes", num_classes, config.num_classes), ("width", width, config.grid_size)):
             if given is not None and given != own:
