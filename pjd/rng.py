@@ -119,3 +119,8 @@ class DrawStream:
         z = mix64(self.base + _i64(t * self.per_step * GAMMA))
         u = to_uniform(z[..., :2 * W + 1])
         return u[..., :W], u[..., W:], to_tokens(z[..., 2 * W + 1:], self.lo, self.hi)
+
+    def sample_uniform(self, t: int) -> torch.Tensor:
+        """float32 ``[B, L]``: step ``t``'s sampling uniform of slot ``n + 0`` of every lane, the same number
+        ``step(t)[1][..., 0]`` holds, computed alone (the one-draw steps of ar)."""
+        return to_uniform(mix64(self.base[..., self.W] + _i64(t * self.per_step * GAMMA)))

@@ -138,3 +138,9 @@ def test_generator_is_deprecated_but_reproducible(model):
 def test_bad_seed_and_index_are_rejected(model, kwargs, match):
     with pytest.raises(ValueError, match=match):
         _run(model, _prompts(2, 2, seed=0), height=2, width=3, **kwargs)
+
+
+def test_sample_uniform_alone_equals_the_step_draw():
+    stream = DrawStream(5, torch.tensor([3, 0, 12]), lanes=2, window=3, token_range=(0, 9))
+    for t in (1, 40):
+        assert torch.equal(stream.sample_uniform(t), stream.step(t)[1][..., 0])
