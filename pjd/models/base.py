@@ -77,7 +77,8 @@ def adapter_for(model):
 
 def decode_images(model, tokens: torch.Tensor) -> list:
     """PIL images from a ``[B, height, width]`` grid of generated image tokens (``GenerationResult.tokens``),
-    with the model's own VQ decoder (Janus, Emu3). Raises TypeError for classes without one."""
+    with the model's VQ decoder: transformers' (Janus, Emu3) or the one the pjd loaders attach
+    (``load_llamagen``, ``load_lumina_mgpt`` with a VQ checkpoint). Raises TypeError without one."""
     family = _family(model)
     decode = getattr(family, "decode_images", None)
     if decode is None:

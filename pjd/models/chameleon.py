@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 
-from .base import (CausalLMAdapter, as_sequences, check_grid, check_grid_size, contiguous_range, engine_kwargs,
-                   left_pad, to_pil, vocab_id)
+from .base import (CausalLMAdapter, as_sequences, check_grid_size, contiguous_range, engine_kwargs, left_pad,
+                   to_pil, vocab_id)
 
 IMAGE_START = "<racm3:break>"
 EOL = "<reserved08799>"
@@ -204,7 +204,6 @@ def decode_images(model, tokens: torch.Tensor) -> list:
     if decoder is None:
         raise TypeError(f"{type(model).__name__} has no VQ decoder in transformers; load Lumina-mGPT with "
                         "pjd.models.load_lumina_mgpt(..., vqgan_checkpoint=...) (Chameleon's vqgan.ckpt)")
-    check_grid(tokens)
     with torch.no_grad():
         return to_pil(decoder.decode(codebook_ids(model, tokens).to(next(decoder.parameters()).device)))
 
