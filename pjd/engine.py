@@ -22,7 +22,7 @@ import torch
 from pjd.cache import HIDDEN_POS, ActiveStep, AppendCache, SlotCache, StepInputs
 from pjd.models.base import adapter_for
 from pjd.ops._backend import resolve_backend
-from pjd.ops.speculative_verify import PREFIX, TOP, speculative_verify
+from pjd.ops.speculative_verify import PREFIX, TOP, VerifyResult, speculative_verify
 from pjd.plan import DecodePlan, check_tensor, make_plan
 
 BIG = 1 << 30
@@ -64,6 +64,7 @@ class Packed:
     lane_start: torch.Tensor | None = None        # [B, L] index of each lane's first input (-1: not fed)
     dest: torch.Tensor | None = None              # [B, L*(W+1)] packed index of each grid entry (N: none)
     writes_committed: torch.Tensor | None = None  # [B, L, W+1] leading inputs that write their key
+    fed_lanes: int = 0                            # most lanes fed in one image (host int)
 
 
 def generate(model, input_ids, *, height, width, method="pjd", window=None, context=None, top_k=0,
@@ -95,7 +96,7 @@ def generate(model, input_ids, *, height, width, method="pjd", window=None, cont
                      image_token_range=image_token_range, eol_token_id=eol_token_id, draft_init=draft_init,
                      reuse_threshold=reuse_threshold, cache=cache, vocab_size=adapter.vocab_size,
                      row_causal=row_causal)
-    resolve_backend(backend, adapter.device)  # fail before any work if the backend cannot run here
+    backend = resolve_backend(backend, adapter.device)  # fail before any work if the backend cannot run here
     if generator is not None and seed is not None:
         raise ValueError("pass either generator or seed, not both")
     if generator is None:
@@ -144,6 +145,7 @@ class _Decoder:
         else:
             self.cache = AppendCache(self.Bx, total + L * (W + 1), device)
         self.lane_id = torch.arange(L, device=device)
+        self.nan_seen = torch.zeros((), dtype=torch.bool, device=device)
 
     def _prompts(self, input_ids, attention_mask, uncond_input_ids, uncond_attention_mask):
         device = self.adapter.device
@@ -279,7 +281,12 @@ class _Decoder:
         valid = lanes.fed[..., None] & (k <= lanes.drafts[..., None])          # [B, L, W+1]
         image_slot = (self.lane_base + self.n - 1)[..., None] + k              # -1: the last prompt token
         raster = P + image_slot
-        N, max_raster = (int(x) for x in torch.stack([count.sum(1).max(), torch.where(valid, raster, 0).max()]).tolist())
+        # The step's one host synchronisation: shapes (inputs, cache length, lanes fed) and whether
+        # the previous step's logits held NaN (checked here rather than by a sync of its own).
+        N, max_raster, fed_lanes, nan = torch.stack([
+            count.sum(1).max(), torch.where(valid, raster, 0).max(), lanes.fed.sum(1).max(), self.nan_seen,
+        ]).tolist()
+        self._check_nan(nan)
         if N == 0:
             return None
 
@@ -332,7 +339,8 @@ class _Decoder:
         # The first leading token is the last prompt token, which differs between cond/uncond rows.
         step_tokens = torch.where(raster_rows < P, self.tokens.gather(1, raster_rows), self._rows(packed(tokens, 0)))
         return Packed(inputs, step_tokens, self.rope.gather(1, raster_rows),
-                      lane_start=torch.where(lanes.fed, start, -1), dest=dest, writes_committed=writes_committed)
+                      lane_start=torch.where(lanes.fed, start, -1), dest=dest, writes_committed=writes_committed,
+                      fed_lanes=fed_lanes)
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         """Per-image [B, ...] -> per batch row [Bx, ...] (cond and uncond rows share image metadata)."""
@@ -362,18 +370,42 @@ class _Decoder:
         result.forward_seconds += time.perf_counter() - t0
         return logits
 
-    def verify(self, logits: torch.Tensor, lanes: Lanes, step: Packed):
-        if bool(torch.isnan(logits).any()):
+    def _check_nan(self, nan) -> None:
+        if nan:
             raise ValueError("the model produced NaN logits; pjd cannot sample from them")
+
+    def verify(self, logits: torch.Tensor, lanes: Lanes, step: Packed):
+        """speculative_verify of the step. Lanes are independent in it, so the sdpa path verifies only
+        the lanes fed this step (gathered to the front, results scattered back): its work follows the
+        active rows, not the grid height. Both paths draw the same randomness, so tokens agree."""
+        self.nan_seen |= torch.isnan(logits).any()  # read by the next step's synchronisation
         plan, B, L, W = self.plan, self.B, self.L, self.W
-        return speculative_verify(
-            logits, step.lane_start.int(), lanes.drafts.int(), lanes.rule,
-            (self.lane_base + self.n).int(), lanes.room.int(), self.draft_tokens, self.draft_q,
-            self._uniform((B, L, W)), self._uniform((B, L, W + 1)), self._random_tokens((B, L, W)),
+        lane = [step.lane_start.int(), lanes.drafts.int(), lanes.rule, (self.lane_base + self.n).int(),
+                lanes.room.int(), self.draft_tokens, self.draft_q,
+                self._uniform((B, L, W)), self._uniform((B, L, W + 1)), self._random_tokens((B, L, W))]
+        compact = self.backend == "sdpa" and step.fed_lanes < L
+        if compact:
+            # The fed lanes of each image first (stable), then enough unfed ones to fill A columns.
+            order = torch.sort(lanes.fed.to(torch.uint8), dim=1, descending=True, stable=True).indices
+            order = order[:, :step.fed_lanes]
+            lane = [x.gather(1, order.view(B, -1, *(1,) * (x.dim() - 2)).expand(-1, -1, *x.shape[2:]))
+                    for x in lane]
+        verdict = speculative_verify(
+            logits, *lane,
             image_token_range=(plan.lo, plan.hi), cfg_scale=self.cfg_scale, reuse_threshold=plan.reuse_threshold,
             draft_init=self.draft_init, eol_token_id=plan.eol_token_id, row_slots=plan.row_slots,
             width=plan.width, backend=self.backend, **self.sampling,
         )
+        if not compact:
+            return verdict
+
+        def scatter(full, part):
+            return full.scatter(1, order.view(B, -1, *(1,) * (part.dim() - 2)).expand_as(part), part)
+
+        zeros = torch.zeros(B, L, dtype=verdict.num_commit.dtype, device=self.device)
+        return VerifyResult(scatter(zeros, verdict.num_accepted), scatter(zeros, verdict.num_commit),
+                            scatter(self.draft_tokens.new_zeros(B, L, W + 1), verdict.commit_tokens),
+                            scatter(self.draft_tokens, verdict.next_tokens), scatter(self.draft_q, verdict.next_q))
 
     def commit(self, verdict, step: Packed) -> torch.Tensor:
         """Write committed tokens, flip cache states, advance frontiers. Returns image tokens per image."""
