@@ -49,7 +49,7 @@ def run_demo(methods=("ar", "sjd", "pjd"), batch=8, seed=0, cfg_scale=3.0, top_k
     out.mkdir(parents=True, exist_ok=True)
     grid = out / "demo.png"
     save_grid(dm, images, [dm.class_names[c] for c in classes.tolist()], grid)
-    payload = dict(device=_device_name(dm.device), batch=batch, seed=seed, cfg_scale=cfg_scale, top_k=top_k,
+    payload = dict(device=device_name(dm.device), batch=batch, seed=seed, cfg_scale=cfg_scale, top_k=top_k,
                    grid=f"{dm.height}x{dm.width}", methods=rows)
     json_path = Path(json_file) if json_file else out / "demo.json"
     json_path.write_text(json.dumps(rows if json_file else payload, indent=2))
@@ -105,10 +105,17 @@ def print_table(rows: list[dict], device: str) -> None:
         print(" | ".join(cells))
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
+    """The device a figure was measured on: GPU name, or CPU model, architecture and torch threads."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"CPU ({model}, {platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 __all__ = ["run_demo", "save_grid", "print_table"]

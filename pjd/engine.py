@@ -24,6 +24,7 @@ from pjd.models.base import adapter_for
 from pjd.ops._backend import resolve_backend
 from pjd.ops.speculative_verify import PREFIX, TOP, VerifyResult, speculative_verify
 from pjd.plan import DecodePlan, check_tensor, make_plan
+from pjd.sampling import sample_inverse_cdf, target_probs
 
 BIG = 1 << 30
 
@@ -200,7 +201,10 @@ class _Decoder:
         bar = _progress(progress, self.B * self.plan.height * self.plan.width, self.plan.method)
         with self.adapter.decoding():
             self.prefill(result)
-            while True:
+            host_known = self.backend == "sdpa" and self.plan.method == "ar" and isinstance(self.cache, SlotCache)
+            if host_known:
+                finished_at = self.run_ar(result, bar)
+            while not host_known:
                 lanes = self.schedule()
                 step = self.pack(lanes)
                 if step is None:
@@ -215,12 +219,55 @@ class _Decoder:
                 if progress:
                     bar.update(int(accepted.sum()))
         bar.close()
+        self._check_nan(bool(self.nan_seen))
         plan = self.plan
         image = self.tokens[:self.B, self.P:self.dump].view(self.B, plan.height, plan.row_slots)[:, :, :plan.width]
         result.tokens = image.clone()
         result.steps_per_image = finished_at
         result.wall_seconds = time.perf_counter() - t0
         return result
+
+    def run_ar(self, result, bar) -> torch.Tensor:
+        """method="ar" on the sdpa path: step t feeds raster position P - 1 + t, writes its key there as
+        committed and samples image slot t, all known on the host. So a step packs nothing, runs no
+        verification (there are no drafts: it is the top lane's bonus sample of speculative_verify
+        with m = 0, from the same draws) and never synchronises; its inputs live in preallocated
+        buffers updated in place. Returns the step at which each image finished (all: the last)."""
+        plan, B, Bx, P, device = self.plan, self.B, self.Bx, self.P, self.device
+        off = self.cache_offset()
+        pos = torch.empty(Bx, 1, dtype=torch.int32, device=device)
+        slot = torch.empty(Bx, 1, dtype=torch.long, device=device)
+        inputs = StepInputs(q_pos=pos, q_group=torch.zeros_like(pos), key_pos=pos,
+                            key_group=torch.full_like(pos, -1), slot=slot, kv_len=0)
+        counts = {True: torch.zeros(B, dtype=torch.long, device=device),  # image tokens committed per step
+                  False: torch.ones(B, dtype=torch.long, device=device)}
+        tokens = self.tokens.view(Bx // B, B, -1)  # cond and uncond rows share the image tokens
+        L, W = self.L, self.W
+        for t in range(plan.lane_len[0]):
+            raster = P - 1 + t
+            pos.fill_(raster)
+            slot.fill_(off + raster)
+            inputs.kv_len = off + raster + 1
+            logits = self.forward(Packed(inputs, self.tokens[:, raster:raster + 1], self.rope[:, raster:raster + 1]),
+                                  result)
+            # No cache.end(): begin() already wrote the key as committed, and it stays so.
+            self.nan_seen |= torch.isnan(logits).any()
+            # The reference's draws for this step, in its order (acceptance, samples, draft init).
+            self._uniform((B, L, W))
+            u = self._uniform((B, L, W + 1))[:, 0, 0]
+            self._random_tokens((B, L, W))
+            forced = plan.eol_token_id is not None and t % plan.row_slots == plan.width
+            if forced:
+                tokens[:, :, raster + 1] = plan.eol_token_id
+            else:
+                p = target_probs(logits, num_images=B, cfg_scale=self.cfg_scale,
+                                 image_token_range=(plan.lo, plan.hi), **self.sampling)
+                tokens[:, :, raster + 1] = sample_inverse_cdf(p[:, 0], u) + plan.lo
+            result.steps += 1
+            result.accepted.append(counts[forced])
+            bar.update(0 if forced else B)
+        self.n.fill_(plan.lane_len[0])
+        return torch.full((B,), result.steps, dtype=torch.long, device=device)
 
     def prefill(self, result):
         """Every prompt token but the last (which is re-fed by the first step) writes its KV."""
