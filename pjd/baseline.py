@@ -90,8 +90,7 @@ def hf_generate(model, input_ids, *, height, width, image_token_range, cfg_scale
     sampling = dict(top_k=top_k, top_p=float(top_p), temperature=float(temperature))
     cfg = float(cfg_scale) != 1.0
     batched = cfg and cfg_mode == "batched"
-    config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=None,
-                              pad_token_id=0, use_cache=True)
+    config = GenerationConfig(max_new_tokens=new_tokens, pad_token_id=0, use_cache=True)
     kwargs = {}
     if batched:
         ids = torch.cat([input_ids, uncond_input_ids])
@@ -107,8 +106,11 @@ def hf_generate(model, input_ids, *, height, width, image_token_range, cfg_scale
             config.guidance_scale = float(cfg_scale)
             kwargs["negative_prompt_ids"] = uncond_input_ids
         torch.manual_seed(int(seed))  # generate's multinomial draws from the global generator
-    previous = model.config._attn_implementation
+    previous, model_config = model.config._attn_implementation, model.generation_config
     model.set_attn_implementation("sdpa")
+    # generate fills unset fields from the model's generation config; an eos id there would stop the
+    # image early (or, through the min-length processor, put -inf into the CFG combine).
+    model.generation_config = GenerationConfig()
     try:
         with torch.no_grad():
             t0 = time.perf_counter()
@@ -117,6 +119,7 @@ def hf_generate(model, input_ids, *, height, width, image_token_range, cfg_scale
             seconds = time.perf_counter() - t0
     finally:
         model.set_attn_implementation(previous)
+        model.generation_config = model_config
     image = out[:batch, prompt_len:].view(batch, height, row_slots)[:, :, :width]
     return image, seconds, new_tokens * (2 if cfg and not batched else 1)
 

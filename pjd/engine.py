@@ -254,7 +254,7 @@ class _Decoder:
             self.nan_seen |= torch.isnan(logits).any()
             # The reference's draws for this step, in its order (acceptance, samples, draft init).
             self._uniform((B, L, W))
-            u = self._uniform((B, L, W + 1))[:, 0, 0]
+            u = self._uniform((B, L, W + 1))[..., 0]  # [B, 1]: the draw of slot n + 0
             self._random_tokens((B, L, W))
             forced = plan.eol_token_id is not None and t % plan.row_slots == plan.width
             if forced:
@@ -262,7 +262,7 @@ class _Decoder:
             else:
                 p = target_probs(logits, num_images=B, cfg_scale=self.cfg_scale,
                                  image_token_range=(plan.lo, plan.hi), **self.sampling)
-                tokens[:, :, raster + 1] = sample_inverse_cdf(p[:, 0], u) + plan.lo
+                tokens[:, :, raster + 1:raster + 2] = sample_inverse_cdf(p, u) + plan.lo
             result.steps += 1
             result.accepted.append(counts[forced])
             bar.update(0 if forced else B)
