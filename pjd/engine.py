@@ -284,7 +284,7 @@ class _Decoder:
             slot=(self.cache_offset() + pos).long(),
             kv_len=self.cache_offset() + n,
         )
-        self.forward(Packed(inputs, self.tokens[:, :n], self.rope[:, :n]), result)
+        self.forward(Packed(inputs, self.tokens[:, :n], self.rope[:, :n]), result, logits=False)
         self.cache.end(real)
         self.kv_ready[:, :n] = real[:self.B]
 
@@ -407,11 +407,12 @@ class _Decoder:
         n_above = torch.nn.functional.pad(self.n[:, :-1], (1, 0), value=1)
         return self.tokens[:self.B].gather(1, self.P + base_above + (n_above - 1).clamp(min=0))
 
-    def forward(self, step: Packed, result) -> torch.Tensor:
+    def forward(self, step: Packed, result, logits: bool = True) -> torch.Tensor | None:
         t0 = time.perf_counter()
         self.cache.begin(step.inputs)
         with ActiveStep(self.cache, step.inputs, self.backend):
-            logits = self.adapter.forward(step.tokens, step.rope)
+            # The prefill only writes keys: no output head over the prompt (logits=False).
+            logits = self.adapter.forward(step.tokens, step.rope, **({} if logits else {"logits": False}))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         result.forward_seconds += time.perf_counter() - t0
