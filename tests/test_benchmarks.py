@@ -1,4 +1,5 @@
-"""Light checks of the benchmark scripts: roofline arithmetic by hand, attention correctness gate."""
+"""Light checks of the benchmark scripts: roofline arithmetic by hand, attention correctness gate,
+steps_per_image statistics."""
 import sys
 from pathlib import Path
 
@@ -150,3 +151,17 @@ def test_ops_outside_forward_ar_is_lean_and_pjd_does_not_grow_with_rows(lm):
     assert abs(one_row - many_rows) <= 0.05 * one_row
     reference, _ = per_step("ar", backend="torch")  # the counter sees the reference's extra work
     assert reference > 2 * ar
+
+
+def test_steps_per_image_chunks_and_statistics(tmp_path):
+    import steps_per_image
+
+    out = tmp_path / "s.json"
+    row = steps_per_image.main(["--n", "2", "--out", str(out)])  # two chunks of one image
+    steps = torch.tensor(row["steps_per_image"], dtype=torch.float64)
+    assert len(steps) == 2 and len(row["nll_per_image"]) == 2
+    assert ((steps >= 1) & (steps < 1024)).all()  # pjd needs fewer steps than AR's 1024
+    assert row["steps_mean"] == pytest.approx(float(steps.mean()))
+    assert row["steps_sem"] == pytest.approx(float(steps.std() / 2 ** 0.5))
+    assert row["per_image_compression"] == pytest.approx(1024 / float(steps.mean()))
+    assert row["nll_mean"] > 0 and out.exists()
