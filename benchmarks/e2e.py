@@ -17,7 +17,8 @@ of >= 64 images (pjd.demo.FD_MIN_IMAGES), a Fréchet distance to held-out real c
 Usage: python benchmarks/e2e.py [--model default|tiny] [--batch 16] [--sections methods,context]
        [--speed-methods ar,sjd,pjd] [--repeats 3] [--hf-cfg both|batched|guidance]
        [--out bench_out/e2e] [--docs]      (--docs also refreshes docs/e2e/ and docs/performance.md)
-       python benchmarks/e2e.py --quick    (the speed section at batch 1: ar, hf, pjd, 3 repeats, ~2 min)
+       python benchmarks/e2e.py --quick    (the speed section at batch 1: ar, hf, pjd, 3 repeats; about a
+                                        minute of CPU time)
 Run with OMP_NUM_THREADS=1 (or --threads) for the one-thread figures.
 """
 from __future__ import annotations
