@@ -51,15 +51,16 @@ ADAPTER = JanusAdapter
 
 
 def _special(model, name: str, given: int | None) -> int:
-    """A special token id: given, else from the generation config (HF Janus checkpoints store both)."""
+    """A special token id: given, else from the generation config (HF Janus conversions store
+    ``generation_kwargs["boi_token_id"]``, some ``boi_token_id`` itself) or, for the pad, the text config."""
     if given is not None:
         return int(given)
     gen = getattr(model, "generation_config", None)
-    if name == "boi_token_id":
-        value = (getattr(gen, "generation_kwargs", None) or {}).get(name)
-    else:
+    value = (getattr(gen, "generation_kwargs", None) or {}).get(name) if name == "boi_token_id" else None
+    if value is None:
         value = getattr(gen, name, None)
-        value = model.config.text_config.pad_token_id if value is None else value
+    if value is None and name == "pad_token_id":
+        value = model.config.text_config.pad_token_id
     if value is None:
         raise ValueError(f"the model's generation config has no {name}; pass {name}= explicitly")
     return int(value)
@@ -75,8 +76,11 @@ def janus_prompt(model, text_ids, *, height: int | None = None, width: int | Non
             without ``<begin_of_image>``, one list per image (ragged: left-padded here).
         height, width: token grid; default the VQ model's native grid (24 x 24 for Janus-Pro 384 px).
         cfg_scale: != 1 adds the pad-token unconditional rows.
-        boi_token_id, pad_token_id: default from ``model.generation_config`` (HF Janus checkpoints
-            store ``generation_kwargs["boi_token_id"]`` and ``pad_token_id``).
+        boi_token_id, pad_token_id: default from ``model.generation_config``
+            (``generation_kwargs["boi_token_id"]`` or ``boi_token_id``; ``pad_token_id``).
+
+    Janus-Pro's official recipe (``generation_inference.py``): CFG 5, temperature 1, sampling from the
+    full codebook (no top-k): ``pjd.generate(model, **prompt, top_k=0)``.
     """
     native = model.config.vq_config.num_patches
     height, width = height or native, width or native
