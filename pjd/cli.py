@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pjd.ops._backend import BACKENDS
 from pjd.plan import METHODS
 
 
@@ -25,11 +26,13 @@ def main(argv=None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--cfg-scale", type=float, default=3.0)
     demo.add_argument("--top-k", type=int, default=0)
-    demo.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    demo.add_argument("--backend", default="auto", choices=list(BACKENDS))
     demo.add_argument("--device", default="cpu")
     demo.add_argument("--out", default="out/demo", help="folder for demo.png and demo.json")
     demo.add_argument("--json", dest="json_file", default=None, help="also write the per-method list here")
     demo.add_argument("--no-progress", action="store_true")
+    demo.add_argument("--no-hf", action="store_true",
+                      help="skip the hf row (transformers' own model.generate, the external baseline)")
 
     gen = sub.add_parser("generate", help="smoke run on a tiny random-weight Llama (no weights needed)")
     gen.add_argument("--method", choices=METHODS, default="pjd")
@@ -38,7 +41,7 @@ def main(argv=None) -> int:
     gen.add_argument("--batch", type=int, default=2)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--cache", choices=["slot", "append"], default="slot")
-    gen.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    gen.add_argument("--backend", default="auto", choices=list(BACKENDS))
 
     args = parser.parse_args(argv)
     if args.command == "demo":
@@ -48,7 +51,7 @@ def main(argv=None) -> int:
             parser.error("--batch must be >= 1")
         run_demo(methods=args.methods, batch=args.batch, seed=args.seed, cfg_scale=args.cfg_scale,
                  top_k=args.top_k, backend=args.backend, out=args.out, json_file=args.json_file,
-                 progress=not args.no_progress, device=args.device)
+                 progress=not args.no_progress, device=args.device, hf=not args.no_hf)
         return 0
     return _generate(args)
 

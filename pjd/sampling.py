@@ -39,7 +39,11 @@ def target_probs(
         ``[B, N, hi - lo]`` float32 probabilities (rows sum to 1).
     """
     lo, hi = image_token_range
-    x = combine_cfg(logits[..., lo:hi].float(), num_images, cfg_scale) / temperature
+    # Slices, casts and divisions that would be identities are skipped: the same values, fewer ops.
+    x = logits if (lo, hi) == (0, logits.shape[-1]) else logits[..., lo:hi]
+    x = combine_cfg(x if x.dtype == torch.float32 else x.float(), num_images, cfg_scale)
+    if temperature != 1.0:
+        x = x / temperature
     if 0 < top_k < x.shape[-1]:
         kth = torch.topk(x, top_k, dim=-1).values[..., -1:]
         x = x.masked_fill(x < kth, float("-inf"))
