@@ -16,6 +16,7 @@ Vision towers and VQ models keep their implementation (pjd never decodes through
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
 
 from transformers import AttentionInterface, PreTrainedModel
@@ -27,6 +28,8 @@ from pjd.ops import draft_attention
 
 NAME = "pjd"
 _SAVED = "_pjd_saved_attn"
+_USERS = "_pjd_decoders"  # number of running `patched` blocks that switched the model
+_LOCK = threading.Lock()  # guards patch/unpatch + the count of `patched` (threads decoding one model)
 
 
 def pjd_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -125,16 +128,32 @@ def is_patched(model) -> bool:
 
 @contextlib.contextmanager
 def patched(model):
-    """Run a block with the model's decoder on "pjd" attention, restoring its previous setting after."""
-    if is_patched(model):
-        yield model
-        return
-    if not patch(model):
-        raise ValueError(f"model {type(model).__name__} cannot use pjd attention (see the warning above)")
+    """Run a block with the model's decoder on "pjd" attention, restoring its previous setting after.
+
+    Thread-safe and reentrant: concurrent blocks on one model share the switch (a per-model count
+    under a lock), and the last one to leave restores the model. A model already on "pjd" (by
+    ``patch`` or at load time) is left as it is.
+    """
+    with _LOCK:
+        users = getattr(model, _USERS, 0)
+        if users == 0 and is_patched(model):
+            owned = False
+        else:
+            if users == 0 and not patch(model):
+                raise ValueError(f"model {type(model).__name__} cannot use pjd attention (see the warning above)")
+            setattr(model, _USERS, users + 1)
+            owned = True
     try:
         yield model
     finally:
-        unpatch(model)
+        if owned:
+            with _LOCK:
+                users = getattr(model, _USERS) - 1
+                if users == 0:
+                    unpatch(model)
+                    delattr(model, _USERS)
+                else:
+                    setattr(model, _USERS, users)
 
 
 __all__ = ["patch", "unpatch", "patched", "is_patched", "pjd_attention", "pjd_mask", "NAME"]
