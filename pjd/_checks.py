@@ -8,34 +8,21 @@ that do not apply to the chosen method. The prompt tensors are read on the host 
 """
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Sequence
 
 import torch
 
 from pjd.cache import HIDDEN_POS
+from pjd.ops import _checks as ops_checks
+from pjd.ops._checks import MIN_TEMPERATURE, finite
 
-# Below the smallest normal fp32, logits / temperature overflow for every logit above ~1e-38 * 3e38.
-MIN_TEMPERATURE = torch.finfo(torch.float32).tiny
 REUSE_AUTO = "auto"  # reuse_threshold default: 0.5 for pjd and sjd++, no reuse elsewhere
 SEED_RANGE = (0, 2**64)  # what torch.Generator.manual_seed accepts without wrapping
 
 
 def integer(name: str, value, *, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        expected = "an int or None" if optional else "an int"
-        raise TypeError(f"{name} must be {expected}, got {type(value).__name__} {value!r}")
-
-
-def real(name: str, value) -> None:
-    """A finite real number (int or float, not bool, not a string)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
+    if not (optional and value is None):
+        ops_checks.integer(name, value)
 
 
 def flag(name: str, value) -> None:
@@ -53,7 +40,7 @@ def check_settings(*, method, height, width, window, context, top_k, top_p, temp
     integer("context", context, optional=True)
     integer("eol_token_id", eol_token_id, optional=True)
     for name, value in (("top_p", top_p), ("temperature", temperature), ("cfg_scale", cfg_scale)):
-        real(name, value)
+        finite(name, value)
     if temperature < MIN_TEMPERATURE:
         raise ValueError(f"temperature must be >= {MIN_TEMPERATURE:.3g} (the smallest normal float32; "
                          f"smaller ones overflow the logits), got {temperature}; for greedy decoding use top_k=1")
@@ -72,7 +59,7 @@ def check_settings(*, method, height, width, window, context, top_k, top_p, temp
         if not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
             raise ValueError(f"seed must lie in [0, 2**64), got {seed}")
     if reuse_threshold is not None and not (isinstance(reuse_threshold, str) and reuse_threshold == REUSE_AUTO):
-        real("reuse_threshold", reuse_threshold)
+        finite("reuse_threshold", reuse_threshold)
         if method not in ("pjd", "sjd++"):
             raise ValueError(f"reuse_threshold applies to the draft-reusing methods 'pjd' and 'sjd++', not "
                              f"{method!r} (leave it at {REUSE_AUTO!r})")

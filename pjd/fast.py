@@ -77,7 +77,8 @@ def _decoder_configs(model) -> list:
     return list(unique.values())
 
 
-def _why_not_patchable(model) -> str | None:
+def why_not_patchable(model) -> str | None:
+    """Why ``patch`` would fail for this model, or None if it can be patched."""
     if not isinstance(model, PreTrainedModel):
         return f"it is a {type(model).__name__}, not a transformers PreTrainedModel"
     layers = [m for m in model.modules() if getattr(m, "layer_idx", None) is not None]
@@ -99,7 +100,7 @@ def patch(model) -> bool:
     when the model cannot use it (not a transformers model, no attention layer with ``layer_idx``,
     or attention not dispatched through ``AttentionInterface``); the model is then left unchanged.
     """
-    reason = _why_not_patchable(model)
+    reason = why_not_patchable(model)
     if reason is not None:
         warnings.warn(f"pjd.fast.patch: cannot patch {type(model).__name__}: {reason}", stacklevel=2)
         return False

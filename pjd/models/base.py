@@ -44,6 +44,11 @@ class CausalLMAdapter:
         return self.model.get_output_embeddings().weight.shape[0]
 
     @property
+    def input_vocab_size(self) -> int:
+        """Prompt ids lie in [0, input_vocab_size) (the input embedding's rows)."""
+        return self.model.get_input_embeddings().num_embeddings
+
+    @property
     def max_positions(self) -> int | None:
         return getattr(self.text_config, "max_position_embeddings", None)
 
@@ -69,6 +74,13 @@ def adapter_for(model):
         return model
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "get_output_embeddings"):
         raise TypeError(f"model must be a transformers causal LM or a pjd adapter, got {type(model).__name__}")
+    if model.get_output_embeddings() is None or not model.can_generate():
+        raise TypeError(f"model must be a causal LM with a language-model head (e.g. LlamaForCausalLM), got "
+                        f"{type(model).__name__}, which does not generate")
+    if not fast.is_patched(model):
+        reason = fast.why_not_patchable(model)
+        if reason is not None:
+            raise TypeError(f"model {type(model).__name__} cannot use pjd attention: {reason}")
     family = _family(model)
     return getattr(family, "ADAPTER", CausalLMAdapter)(model)
 

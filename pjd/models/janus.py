@@ -36,6 +36,10 @@ class JanusAdapter(CausalLMAdapter):
     def vocab_size(self) -> int:
         return self.codebook_size
 
+    @property
+    def input_vocab_size(self) -> int:
+        return self.codebook_size + super().input_vocab_size
+
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         model, K = self.model, self.codebook_size
         is_image = (input_ids < K)[..., None]
@@ -103,6 +107,10 @@ def decode_pixels(model, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def decode_images(model, tokens: torch.Tensor) -> list:
+    size = model.config.vq_config.num_embeddings
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= size):
+        raise ValueError(f"tokens must be codebook ids in [0, {size}), got values in "
+                         f"[{int(tokens.min())}, {int(tokens.max())}]")
     with torch.no_grad():
         return to_pil(decode_pixels(model, tokens))
 
