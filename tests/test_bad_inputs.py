@@ -17,7 +17,7 @@ from transformers import BertConfig, BertModel, LlamaConfig, LlamaForSequenceCla
 import pjd
 import pjd.fast
 from pjd.cli import main as cli_main
-from pjd.models import tiny_llama
+from pjd.models import decode_images, emu3_prompt, janus_prompt, llamagen_prompt, tiny_llama
 from pjd.ops import compact_kv, draft_attention, speculative_verify
 from test_speculative_verify import make_case, public_kwargs
 
@@ -170,6 +170,41 @@ def test_generate_builds_no_autograd_graph(model):
     assert not out.tokens.requires_grad
 
 
+@pytest.fixture(scope="module")
+def family_models():
+    from pjd.models import tiny_emu3, tiny_janus
+
+    return dict(janus=tiny_janus(), emu3=tiny_emu3())
+
+
+ADAPTER_CASES = [
+    (lambda m: decode_images(m["janus"], torch.full((1, 2, 2), 32)), ValueError, "tokens"),
+    (lambda m: decode_images(m["janus"], torch.full((1, 2, 2), -1)), ValueError, "tokens"),
+    (lambda m: decode_images(m["emu3"], torch.zeros(1, 2, 2, dtype=torch.long)), ValueError, "tokens"),
+    (lambda m: decode_images(m["janus"], torch.zeros(2, 2)), TypeError, "tokens"),
+    (lambda m: janus_prompt(m["janus"], [[1.5, 2]]), TypeError, "text_ids"),
+    (lambda m: janus_prompt(m["janus"], [[1, 2]], cfg_scale="x"), TypeError, "cfg_scale"),
+    (lambda m: janus_prompt(m["janus"], [[1, 2]], height=0), ValueError, "height"),
+    (lambda m: emu3_prompt(m["emu3"], [[-1]], height=2, width=2), ValueError, "text_ids"),
+    (lambda m: emu3_prompt(m["emu3"], [None], height=2, width=2), TypeError, "text_ids"),
+    (lambda m: llamagen_prompt([0], codebook_size=16, num_classes=5, height=2, width=2, cls_token_num=1.5),
+     TypeError, "cls_token_num"),
+    (lambda m: llamagen_prompt([True], codebook_size=16, num_classes=5, height=2, width=2), TypeError, "labels"),
+    (lambda m: llamagen_prompt([0], codebook_size=16, num_classes=5, height=2, width=2, cfg_scale=float("nan")),
+     ValueError, "cfg_scale"),
+    # A prompt id past Janus' text vocabulary (codebook + text ids): caught before the embedding lookup.
+    (lambda m: pjd.generate(m["janus"], torch.tensor([[10**6]]), height=1, width=2), ValueError, "input_ids"),
+    (lambda m: pjd.generate(m["emu3"], **{**emu3_prompt(m["emu3"], [[20]], height=2, width=2), "window": 2},
+                            method="zipar"), ValueError, "window"),
+]
+
+
+@pytest.mark.parametrize("call,error,match", ADAPTER_CASES)
+def test_adapters_reject_bad_inputs(family_models, call, error, match):
+    with pytest.raises(error, match=match):
+        call(family_models)
+
+
 # ---------------------------------------------------------------- non-finite logits
 def _poison(model, where):
     """A forward hook on the LM head that writes non-finite values into every forward's logits."""
@@ -254,7 +289,7 @@ TRITON_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, "tests")
     import pjd
     from test_bad_inputs import _inf_cases, _verify_with, _poison, _plus_inf, GOOD
-    from pjd.models import tiny_llama
+    from pjd.models import decode_images, emu3_prompt, janus_prompt, llamagen_prompt, tiny_llama
     args, cases, lane = _inf_cases()
     report = {}
     for name, logits in cases:

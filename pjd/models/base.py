@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from pjd import fast
+from pjd.ops._checks import finite
 
 # transformers class name -> pjd.models module holding that family's adapter and decoder.
 _FAMILIES = {
@@ -114,8 +115,23 @@ def as_sequences(name: str, ids) -> list[list[int]]:
     if not isinstance(ids, Sequence) or not ids:
         raise TypeError(f"{name} must be a non-empty list of token ids or of token-id lists, got {ids!r}")
     if all(isinstance(i, int) for i in ids):
-        return [list(ids)]
-    return [s.tolist() if isinstance(s, torch.Tensor) else list(s) for s in ids]
+        seqs = [list(ids)]
+    else:
+        seqs = []
+        for s in ids:
+            if isinstance(s, torch.Tensor) and s.dim() == 1 and not s.dtype.is_floating_point:
+                seqs.append(s.tolist())
+            elif isinstance(s, Sequence) and not isinstance(s, (str, bytes)):
+                seqs.append(list(s))
+            else:
+                raise TypeError(f"{name} must be a list of token ids or of token-id lists, got an entry {s!r}")
+    for s in seqs:
+        bad = [t for t in s if isinstance(t, bool) or not isinstance(t, int)]
+        if bad:
+            raise TypeError(f"{name} must hold int token ids, got {bad[0]!r}")
+        if any(t < 0 for t in s):
+            raise ValueError(f"{name} must hold token ids >= 0, got {min(s)}")
+    return seqs
 
 
 def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,7 +164,7 @@ def engine_kwargs(*, ids, mask, uncond_ids, uncond_mask, cfg_scale, height, widt
                   eol_token_id=None) -> dict:
     """The keyword arguments of pjd.generate for a built prompt (no unconditional rows without CFG)."""
     kw = dict(input_ids=ids, attention_mask=mask, height=height, width=width,
-              image_token_range=image_token_range, cfg_scale=float(cfg_scale))
+              image_token_range=image_token_range, cfg_scale=finite("cfg_scale", cfg_scale))
     if eol_token_id is not None:
         kw["eol_token_id"] = int(eol_token_id)
     if float(cfg_scale) != 1.0:

@@ -83,7 +83,8 @@ def janus_prompt(model, text_ids, *, height: int | None = None, width: int | Non
             store ``generation_kwargs["boi_token_id"]`` and ``pad_token_id``).
     """
     native = model.config.vq_config.num_patches
-    height, width = height or native, width or native
+    height = native if height is None else height
+    width = native if width is None else width
     check_grid_size(height, width)
     boi, pad = _special(model, "boi_token_id", boi_token_id), _special(model, "pad_token_id", pad_token_id)
     seqs = as_sequences("text_ids", text_ids)

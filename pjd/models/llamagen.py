@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from pjd.ops._checks import integer
+
 from .base import check_grid_size, engine_kwargs
 
 
@@ -29,13 +31,14 @@ def llamagen_prompt(labels, *, codebook_size: int, num_classes: int, height: int
         cls_token_num: class-token copies before the image.
     """
     check_grid_size(height, width)
+    for name, value in (("codebook_size", codebook_size), ("num_classes", num_classes),
+                        ("cls_token_num", cls_token_num)):
+        integer(name, value, low=1)
     labels = torch.as_tensor(labels).reshape(-1)
-    if labels.dtype.is_floating_point or labels.numel() == 0:
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.numel() == 0:
         raise TypeError(f"labels must be integer class ids, got {labels.dtype} with {labels.numel()} entries")
     if bool(((labels < 0) | (labels >= num_classes)).any()):
         raise ValueError(f"labels must lie in [0, num_classes={num_classes}), got {labels.tolist()}")
-    if cls_token_num < 1:
-        raise ValueError(f"cls_token_num must be >= 1, got {cls_token_num}")
     ids = (codebook_size + labels.long())[:, None].repeat(1, cls_token_num).to(device)
     uncond = torch.full_like(ids, codebook_size + num_classes)
     mask = torch.ones_like(ids)
