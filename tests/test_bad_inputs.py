@@ -472,6 +472,19 @@ def test_concurrent_generate_equals_serial():
     assert not pjd.fast.is_patched(model) and not hasattr(model, "_pjd_decoders")
 
 
+def test_active_step_is_per_thread():
+    """The step the attention hook reads is a ContextVar: a decode in one thread is invisible to others."""
+    from pjd.cache import ActiveStep, active_step
+
+    seen = []
+    with ActiveStep(cache=None, step=None, backend="torch") as mine:
+        worker = threading.Thread(target=lambda: seen.append(active_step()))
+        worker.start()
+        worker.join()
+        assert active_step() is mine
+    assert seen == [None]
+
+
 # ---------------------------------------------------------------- soak
 def test_soak_varied_calls(model):
     """300 cheap calls in one process, every tenth a bad one: every bad call raises, the model is
