@@ -457,8 +457,8 @@ def speculative_verify_triton(
 
     Returns:
         (num_accepted int32 [B, L], num_commit int32 [B, L], commit_tokens int64 [B, L, W+1],
-        next_tokens int64 [B, L, W], next_q fp32 [B, L, W, Vi], invalid bool [B, L]). commit_tokens beyond num_commit is
-        unspecified (module docstring).
+        next_tokens int64 [B, L, W], next_q fp32 [B, L, W, Vi], invalid bool [B, L]). commit_tokens
+        beyond num_commit is unspecified (module docstring).
     """
     B, L, W = draft_tokens.shape
     lo, hi = image_token_range
@@ -545,17 +545,17 @@ def aot_configs():
                 config=f"{ty} V{block_v} S{block_s}x{PROBES} w{NUM_WARPS['target_probs']}" + (" cfg" if cfg else ""),
                 fn=_target_probs_kernel,
                 signature={"Logits": f"*{ty}", "LaneStart": "*i32", "LaneDrafts": "*i32", "P": "*fp32",
-                           "Total": "*fp32", "Last": "*i32", "RowBad": "*i32", "cfg_scale": "fp32", "temperature": "fp32",
-                           "top_p": "fp32", **_int_args(_target_probs_kernel)},
+                           "Total": "*fp32", "Last": "*i32", "RowBad": "*i32", "cfg_scale": "fp32",
+                           "temperature": "fp32", "top_p": "fp32", **_int_args(_target_probs_kernel)},
                 constexprs={"CFG": cfg, "BLOCK_V": block_v, "BLOCK_S": block_s, "NPROBE": PROBES},
                 num_warps=NUM_WARPS["target_probs"], num_stages=1,
                 divisible=("Logits", "LaneStart", "LaneDrafts", "P", "Total", "Last", "RowBad"),
             ))
     pointers = {name: "*i64" if name in ("DraftTokens", "InitTokens", "CommitTokens", "NextTokens") else
                 "*i32" if name.startswith(("Lane", "Num")) or name in ("Last", "RowBad") else "*fp32"
-                for name in ("P", "Total", "Last", "RowBad", "LaneInvalid", "DraftTokens", "DraftQ", "UAccept", "USample", "InitTokens",
-                             "LaneStart", "LaneDrafts", "LaneRule", "LaneSlot", "LaneRoom", "NumAccepted",
-                             "NumCommit", "CommitTokens", "NextTokens", "NextQ")}
+                for name in ("P", "Total", "Last", "RowBad", "DraftTokens", "DraftQ", "UAccept", "USample",
+                             "InitTokens", "LaneStart", "LaneDrafts", "LaneRule", "LaneSlot", "LaneRoom",
+                             "LaneInvalid", "NumAccepted", "NumCommit", "CommitTokens", "NextTokens", "NextQ")}
     for block_w in BLOCK_WS:
         configs.append(KernelConfig(
             kernel="verify_accept", config=f"W{block_w} V{block_v} w{NUM_WARPS['accept']}", fn=_accept_kernel,

@@ -503,7 +503,8 @@ def test_soak_varied_calls(model):
             ids = torch.tensor([[rng.randrange(24, 32) for _ in range(rng.randint(1, 3))]])
             eol = rng.choice([None, 30])
             method = rng.choice(["sjd", "sjd++", "pjd", "zipar"])
-            kw = dict(height=h, width=w, image_token_range=IMAGE, eol_token_id=eol, cache=rng.choice(["slot", "append"]))
+            kw = dict(height=h, width=w, image_token_range=IMAGE, eol_token_id=eol,
+                      cache=rng.choice(["slot", "append"]))
             if method in ("pjd", "zipar"):
                 kw["context"] = w  # one active row: greedy pjd / zipar are exact
             if method != "zipar":
