@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     gen.add_argument("--height", type=_int_at_least(1), default=8)
     gen.add_argument("--width", type=_int_at_least(1), default=8)
     gen.add_argument("--batch", type=_int_at_least(1), default=2)
-    gen.add_argument("--seed", type=_int_at_least(0, 2**32), default=0)
+    gen.add_argument("--seed", type=_int_at_least(0, 2**64), default=0)
     gen.add_argument("--cache", choices=["slot", "append"], default="slot")
     gen.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
 
