@@ -127,10 +127,8 @@ def check_prompts(adapter, input_ids, attention_mask, uncond_input_ids, uncond_a
 
 
 def check_positions(adapter, prompt_len: int, height: int, width: int, eol_token_id) -> None:
-    """The grid fits the model's positions (and int32 raster positions), before anything is sized by it."""
-    for name, value in (("height", height), ("width", width)):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+    """The grid fits the model's positions (and int32 raster positions), before anything is sized by it
+    (make_plan builds per-row tuples). Non-positive sizes are left to make_plan's message."""
     total = prompt_len + height * (width + (eol_token_id is not None))
     limit = adapter.max_positions
     if limit is not None and total > limit:
