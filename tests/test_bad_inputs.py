@@ -134,8 +134,13 @@ PROMPT_CASES = [
 
 @pytest.mark.parametrize("ids,error,match", PROMPT_CASES)
 def test_generate_rejects_bad_prompts(model, ids, error, match):
-    with pytest.raises(error, match=match):
-        pjd.generate(model, ids, **GOOD)
+    counter = CountingForward(model)
+    try:
+        with pytest.raises(error, match=match):
+            pjd.generate(model, ids, **GOOD)
+    finally:
+        counter.handle.remove()
+    assert counter.calls == 0, "the error came after decoding work"
 
 
 @pytest.mark.parametrize("make", [
