@@ -341,18 +341,20 @@ def _accept_kernel(
 @triton.jit
 def _fresh_or_kept(p_lane, q_lane, tokens, Total, Last, USample, lane, k, m, a, rejected,
                    window, vocab, lo, reuse_threshold, BLOCK_V: tl.constexpr):
-    """Draft at lane offset k < W (not init, not forced): (fresh, token).
+    """Draft at lane offset k <= max(m, W - 1) (not init, not forced): (fresh, token).
 
-    Kept (old draft and q) when reuse is on, it is not the rejected draft and p(d) > thr * q(d);
-    else, if the slot has a target this step (k <= m), a fresh inverse-CDF sample of p_k.
+    Kept (old draft and q) when reuse is on, there is a stored draft (k < W), it is not the rejected
+    draft and p(d) > thr * q(d); else, if the slot has a target this step (k <= m), a fresh
+    inverse-CDF sample of p_k (always at k = W = m, right after a full window).
     """
     num_slots = window + 1
     has_target = k <= m
-    old = tl.load(tokens + k)
+    stored = k < window
+    old = tl.load(tokens + k, mask=stored, other=0)
     idx = tl.minimum(tl.maximum(old - lo, 0), vocab - 1)
     p_old = tl.load(p_lane + k.to(tl.int64) * vocab + idx, mask=has_target, other=0.0)
-    q_old = tl.load(q_lane + k.to(tl.int64) * vocab + idx)
-    reuse = (reuse_threshold >= 0.0) & ~(rejected & (k == a)) & (p_old > reuse_threshold * q_old)
+    q_old = tl.load(q_lane + k.to(tl.int64) * vocab + idx, mask=stored, other=0.0)
+    reuse = (reuse_threshold >= 0.0) & stored & ~(rejected & (k == a)) & (p_old > reuse_threshold * q_old)
     fresh = has_target & ~reuse
     token = old
     if fresh:
@@ -395,13 +397,14 @@ def _next_drafts_kernel(
         num_commit = tl.load(NumCommit + lane)
         rejected = a < m
         k = num_commit + i
-        if k >= window:  # beyond the window: initialise
+        last_set = tl.maximum(m, window - 1)  # lane offset of the last stored or targeted slot
+        if k > last_set:  # beyond the window and every target: initialise
             token = tl.load(InitTokens + lane * window + i)
             if repeat_left != 0:
-                # Every init slot copies the last non-init token on its left (slot W - 1 if the
-                # window still has one, else the last committed token), unless that is no image token.
-                if num_commit < window:
-                    _, left = _fresh_or_kept(p_lane, q_lane, tokens, Total, Last, USample, lane, window - 1, m,
+                # Every init slot copies the last non-init token on its left (slot last_set if
+                # not committed, else the last committed token), unless that is no image token.
+                if num_commit <= last_set:
+                    _, left = _fresh_or_kept(p_lane, q_lane, tokens, Total, Last, USample, lane, last_set, m,
                                              a, rejected, window, vocab, lo, reuse_threshold, BLOCK_V)
                 else:
                     left = tl.load(CommitTokens + lane * num_slots + num_commit - 1)

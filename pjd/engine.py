@@ -151,6 +151,7 @@ class _Decoder:
         self.n = torch.zeros(self.B, L, dtype=torch.long, device=device)
         self.draft_tokens = self._random_tokens((self.B, L, W))
         self.draft_q = torch.nn.functional.one_hot(self.draft_tokens - plan.lo, plan.hi - plan.lo).float()
+        self.scaffold_token = torch.full((self.B, L), -1, dtype=torch.long, device=device)  # -1: not taken yet
         if cache == "slot":
             self.cache = SlotCache(self.Bx, total, L, device)
         else:
@@ -294,7 +295,11 @@ class _Decoder:
         scaffold = self._scaffold(lanes)
         lead = k == 0
         if scaffold is not None:
-            tokens[..., 0] = torch.where(scaffold, self._row_above_last_token(), tokens[..., 0])
+            # Taken once, at the row's first step, then fixed: a leading token that moved with the
+            # row above would move the first draft's target every step (DESIGN.md §1.1).
+            take = scaffold & (self.scaffold_token < 0)
+            self.scaffold_token = torch.where(take, self._row_above_last_token(), self.scaffold_token)
+            tokens[..., 0] = torch.where(scaffold, self.scaffold_token, tokens[..., 0])
             scaffold = scaffold[..., None] & lead
         else:
             scaffold = torch.zeros_like(valid)

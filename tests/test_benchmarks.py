@@ -1,4 +1,5 @@
-"""Light checks of the benchmark scripts: roofline arithmetic by hand, attention correctness gate."""
+"""Light checks of the benchmark scripts: roofline arithmetic by hand, attention correctness gate,
+steps_per_image statistics."""
 import sys
 from pathlib import Path
 
@@ -89,3 +90,17 @@ def test_single_row_step_is_left_padded_causal_as_flash_attention_sees_it():
     i = torch.arange(nq)[None, :, None]
     flash_mask = (j <= nk - nq + i) & (j >= lead[:, None, None])
     assert torch.equal(flash_mask, attention.visibility_mask(q_pos, q_group, k_pos, k_group))
+
+
+def test_steps_per_image_chunks_and_statistics(tmp_path):
+    import steps_per_image
+
+    out = tmp_path / "s.json"
+    row = steps_per_image.main(["--n", "2", "--out", str(out)])  # two chunks of one image
+    steps = torch.tensor(row["steps_per_image"], dtype=torch.float64)
+    assert len(steps) == 2 and len(row["nll_per_image"]) == 2
+    assert ((steps >= 1) & (steps < 1024)).all()  # pjd needs fewer steps than AR's 1024
+    assert row["steps_mean"] == pytest.approx(float(steps.mean()))
+    assert row["steps_sem"] == pytest.approx(float(steps.std() / 2 ** 0.5))
+    assert row["per_image_compression"] == pytest.approx(1024 / float(steps.mean()))
+    assert row["nll_mean"] > 0 and out.exists()

@@ -120,3 +120,35 @@ def test_row_causal_ablation_changes_the_mask(model):
     causal = run(model, ids, **kw)
     leaky = run(model, ids, row_causal=False, **kw)
     assert not torch.equal(causal.tokens, leaky.tokens) or causal.steps != leaky.steps
+
+
+def test_no_eol_scaffold_is_fixed_from_activation_until_the_row_above_completes(model, monkeypatch):
+    """DESIGN.md §1.1: without EOL, a row activated while the row above is unfinished leads with a
+    copy of the row above's last committed token taken at its first step, kept while the row above
+    moves on; once the row above is complete the real token (its last one) leads."""
+    from pjd import engine
+
+    width, seen = 8, []  # (lane, leading token fed, row above's last committed token, row above complete)
+    pack = engine._Decoder.pack
+
+    def spy(self, lanes):
+        step = pack(self, lanes)
+        for lane in range(1, self.L):
+            if step is not None and lanes.fed[0, lane] and self.n[0, lane] == 0:
+                above = int(self.n[0, lane - 1])
+                last = int(self.tokens[0, self.P + int(self.lane_base[lane - 1]) + above - 1])
+                seen.append((lane, int(step.tokens[0, int(step.lane_start[0, lane])]), last, above >= width))
+        return step
+
+    monkeypatch.setattr(engine._Decoder, "pack", spy)
+    run(model, prompts(1, seed=4), method="pjd", height=6, width=width, context=2, top_k=6, seed=2)
+    moved = 0
+    for lane in range(1, 6):
+        open_steps = [s for s in seen if s[0] == lane and not s[3]]
+        assert open_steps, f"row {lane} must start while the row above is unfinished"
+        assert {token for _, token, _, _ in open_steps} == {open_steps[0][2]}, (lane, open_steps)
+        moved += len({last for _, _, last, _ in open_steps}) > 1
+        assert all(token == last for la, token, last, done in seen if la == lane and done)
+    # The case must move the row above's last token while a row still leads with its scaffold
+    # (where re-copying it every step would differ).
+    assert moved >= 2, seen

@@ -184,6 +184,56 @@ def test_no_reuse_means_fresh_drafts_at_targeted_slots():
     assert any(kept)
 
 
+def full_window_case(draft_init):
+    """Positional arguments of one greedy step (top_k = 1) where every lane fed a full window m = W = 4.
+
+    Lane 0 (TOP): draft 2 is wrong, so slot 2 is resampled and the next drafts are lane offsets
+    k = 3..6. Lane 1 (PREFIX): every draft right, next drafts k = 4..7. Lane 2 (TOP, room for the
+    bonus): every draft right, bonus at k = 4, next drafts k = 5..8. Every init token differs from
+    every target's argmax, so a slot drafted from a target cannot pass for an initialised one.
+    """
+    W, V, L = 4, 64, 3
+    g = torch.Generator().manual_seed(12)
+    lane_start = torch.tensor([[1, 6, 11]], dtype=torch.int32)
+    logits = torch.randn(1, 1 + L * (W + 1), V, generator=g) * 4
+    argmax = logits[0].argmax(-1)
+    draft_tokens = torch.stack([argmax[s:s + W] for s in lane_start[0].tolist()])[None].clone()
+    draft_tokens[0, 0, 2] = (argmax[1 + 2] + 1) % V
+    draft_q = torch.nn.functional.one_hot(draft_tokens, V).float()
+    unused = [t for t in range(V) if t not in set(argmax.tolist())]
+    init_tokens = torch.tensor(unused[:L * W]).view(1, L, W)
+    return (logits, lane_start, torch.full((1, L), W, dtype=torch.int32), torch.tensor([[TOP, PREFIX, TOP]]).int(),
+            torch.tensor([[0, 8, 16]]).int(), torch.tensor([[W, W, W + 2]]).int(), draft_tokens, draft_q,
+            torch.full((1, L, W), 0.5), torch.rand(1, L, W + 1, generator=g), init_tokens,
+            1.0, (0, V), 1.0, 1, 1.0, 0.5, draft_init, -1, 1, 1)
+
+
+@pytest.mark.parametrize("draft_init", ["random", "repeat_left"])
+def test_slot_after_a_full_window_is_drafted_from_its_target(draft_init):
+    """DESIGN.md §1.1: the slot right after the last fed draft (k = m = W) takes a fresh sample of
+    this step's p_W; only slots beyond every target are initialised."""
+    args = full_window_case(draft_init)
+    logits, lane_start, init_tokens = args[0], args[1], args[10]
+    argmax = logits[0].argmax(-1)
+    out = speculative_verify_reference(*args)
+    assert out.num_accepted.tolist() == [[2, 4, 4]] and out.num_commit.tolist() == [[3, 4, 5]]
+    for lane in range(3):
+        a = int(out.num_commit[0, lane])
+        for i in range(4):
+            k = a + i
+            token = int(out.next_tokens[0, lane, i])
+            if k == 4:  # k = m = W: a fresh sample of p_W (top_k = 1: its argmax, q = p_W one-hot)
+                target = int(argmax[int(lane_start[0, lane]) + 4])
+                assert token == target, (lane, i)
+                torch.testing.assert_close(out.next_q[0, lane, i], torch.nn.functional.one_hot(
+                    torch.tensor(target), 64).float())
+            elif k > 4:  # initialised: uniform, or a copy of the last non-initialised token to the left
+                left = out.next_tokens[0, lane, i - 1] if i > 0 else out.commit_tokens[0, lane, a - 1]
+                expect = int(init_tokens[0, lane, i]) if draft_init == "random" else int(left)
+                assert token == expect, (lane, i)
+                assert out.next_q[0, lane, i, token] == 1
+
+
 @pytest.mark.parametrize("change,needle", [
     (lambda a: a.__setitem__(7, a[7][..., :-1]), "draft_q must have shape"),
     (lambda a: a.__setitem__("draft_init", "copy"), "draft_init must be one of"),
@@ -264,12 +314,18 @@ def compare(ref, out) -> list[str]:
     return problems
 
 
+def _parity_cases(name):
+    """(label, positional args, tiles) of a named group: CASES, or "rules" (full_window_case)."""
+    if name == "rules":
+        return [(f"full window, {init}", full_window_case(init), None) for init in ("random", "repeat_left")]
+    return [(kwargs, make_case(**{"seed": 100 + i, **kwargs}), tiles) for i, (kwargs, tiles) in enumerate(CASES[name])]
+
+
 def _interpreter_parity(name):
     from pjd.kernels.speculative_verify import speculative_verify_triton
 
     failures, stats = [], {"accepted": 0, "committed": 0}
-    for i, (kwargs, tiles) in enumerate(CASES[name]):
-        args = make_case(**{"seed": 100 + i, **kwargs})
+    for kwargs, args, tiles in _parity_cases(name):
         ref = speculative_verify_reference(*args)
         stats["accepted"] += int(ref.num_accepted.sum())
         stats["committed"] += int(ref.num_commit.sum())
@@ -324,7 +380,7 @@ def _run_subprocess(*argv):
     return result
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", [*CASES, "rules"])
 def test_triton_interpreter_matches_reference(name):
     result = _run_subprocess("parity", name)
     # The cases must exercise acceptance, not only first-draft rejections.

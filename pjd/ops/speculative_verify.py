@@ -14,12 +14,14 @@ pjd / zipar, the whole raster for ar / sjd. Per lane, the step fed the lane's la
    ``PREFIX`` lanes (lower rows) commit only their accepted drafts.
 4. Next drafts for the W slots after the new frontier (slot n + a + i, i < W; k = a + i):
    - a slot with a target this step (k <= m) keeps its old draft and q when reuse is on, the old
-     draft was not the rejected one, and p_k(d)/q_k(d) > reuse_threshold; otherwise it takes a
-     fresh sample of p_k (q := p_k). A fully accepted PREFIX lane thus also refreshes slot m
-     from p_m: it has a target there, so a uniform draft would waste it;
+     draft was not the rejected one, k < W (there is a stored draft), and
+     p_k(d)/q_k(d) > reuse_threshold; otherwise it takes a fresh sample of p_k (q := p_k). The slot
+     right after the last fed draft (k = m, including k = W after a full window) is thus always
+     drafted from this step's prediction p_m, never initialised: a random draft would waste it;
    - a stored draft with no target this step (m < k < W) is kept as is;
-   - slots beyond (k >= W) are initialised: a uniform image token from ``init_tokens`` (q one-hot),
-     or with ``draft_init="repeat_left"`` a copy of the token to the left (random if that is EOL);
+   - slots beyond (k >= W and k > m) are initialised: a uniform image token from ``init_tokens``
+     (q one-hot), or with ``draft_init="repeat_left"`` a copy of the last non-initialised token to
+     the left (random if that is EOL);
    - forced slots hold the EOL token.
 Inactive lanes (``lane_start < 0``) commit nothing and keep their drafts.
 
@@ -136,10 +138,11 @@ def speculative_verify_reference(
     )
     fresh = has_target & ~reuse
     fresh_tokens = sample_inverse_cdf(p_k, u_sample.gather(-1, k.clamp(max=W))) + lo
-    init = k >= W
+    init = (k >= W) & ~has_target
     if draft_init == "repeat_left":
         # Init slots are a suffix; each copies the last non-init token to its left.
-        first_init = (W - num_commit).clamp(min=0)  # index i of the first init slot
+        last_set = torch.clamp(m, min=W - 1)  # lane offset of the last stored or targeted slot
+        first_init = (last_set + 1 - num_commit).clamp(0, W)  # index i of the first init slot (W: none)
         left_new = old_tokens.gather(-1, (first_init - 1).clamp(min=0))
         left_new = torch.where(fresh.gather(-1, (first_init - 1).clamp(min=0)),
                                fresh_tokens.gather(-1, (first_init - 1).clamp(min=0)), left_new)
