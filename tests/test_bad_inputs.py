@@ -204,6 +204,16 @@ ADAPTER_CASES = [
 ]
 
 
+def test_llamagen_decode_rejects_out_of_codebook_tokens():
+    from pjd.models.llamagen import LlamaGenForCausalLM, llamagen_config
+
+    model = LlamaGenForCausalLM(llamagen_config(dict(n_layer=1, n_head=2, dim=16), codebook_size=16, num_classes=3,
+                                                grid_size=2))
+    model.image_decoder = torch.nn.Linear(1, 1)  # never reached: the ids are checked first
+    with pytest.raises(ValueError, match=r"tokens must be codebook ids in \[0, 16\)"):
+        decode_images(model, torch.full((1, 2, 2), 16))
+
+
 @pytest.mark.parametrize("call,error,match", ADAPTER_CASES)
 def test_adapters_reject_bad_inputs(family_models, call, error, match):
     with pytest.raises(error, match=match):

@@ -228,3 +228,21 @@ def test_decode_images(models):
     assert decode_images(model, bpe)[0].size == (5 * 2, 3 * 2)
     with pytest.raises(TypeError, match="no VQ decoder"):
         decode_images(models["chameleon"], bpe)
+
+
+def test_janus_boi_token_from_either_config_place(models):
+    """Conversions store <begin_of_image> as generation_kwargs["boi_token_id"] or as boi_token_id."""
+    model = models["janus"]
+    gen, K = model.generation_config, model.config.vq_config.num_embeddings
+    saved = gen.generation_kwargs
+    try:
+        gen.generation_kwargs = {}
+        with pytest.raises(ValueError, match="boi_token_id"):
+            janus_prompt(model, [[1, 5]], height=2, width=2)
+        gen.boi_token_id = 7
+        assert janus_prompt(model, [[1, 5]], height=2, width=2)["input_ids"].tolist() == [[K + 1, K + 5, K + 7]]
+    finally:
+        gen.generation_kwargs = saved
+        if hasattr(gen, "boi_token_id"):
+            delattr(gen, "boi_token_id")
+    assert janus_prompt(model, [[1, 5]], height=2, width=2)["input_ids"].tolist() == [[K + 1, K + 5, K + 2]]

@@ -12,6 +12,7 @@ subclass of a supported class is served too); ``decode_images(model, tokens)`` t
 from __future__ import annotations
 
 import importlib
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -24,6 +25,7 @@ _FAMILIES = {
     "ChameleonForConditionalGeneration": "chameleon",
     "JanusForConditionalGeneration": "janus",
     "Emu3ForConditionalGeneration": "emu3",
+    "LlamaGenForCausalLM": "llamagen",
 }
 
 
@@ -88,7 +90,8 @@ def adapter_for(model):
 
 def decode_images(model, tokens: torch.Tensor) -> list:
     """PIL images from a ``[B, height, width]`` grid of generated image tokens (``GenerationResult.tokens``),
-    with the model's own VQ decoder (Janus, Emu3). Raises TypeError for classes without one."""
+    with the model's VQ decoder: transformers' (Janus, Emu3) or the one the pjd loaders attach
+    (``load_llamagen``, ``load_lumina_mgpt`` with a VQ checkpoint). Raises TypeError without one."""
     family = _family(model)
     decode = getattr(family, "decode_images", None)
     if decode is None:
@@ -96,6 +99,13 @@ def decode_images(model, tokens: torch.Tensor) -> list:
                         "family's own image tokenizer (see docs/models.md)")
     check_grid(tokens)
     return decode(model, tokens)
+
+
+def check_codebook_ids(tokens: torch.Tensor, size: int) -> None:
+    """Tokens handed to a VQ decoder are codebook ids in [0, size) (else an IndexError deep inside)."""
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= size):
+        raise ValueError(f"tokens must be codebook ids in [0, {size}), got values in "
+                         f"[{int(tokens.min())}, {int(tokens.max())}]")
 
 
 # ---------------------------------------------------------------- helpers for the prompt builders
@@ -176,6 +186,19 @@ def check_grid_size(height, width) -> None:
     for name, v in (("height", height), ("width", width)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int (image tokens), got {v!r}")
+
+
+def load_pickle(path, what: str):
+    """torch.load of a release checkpoint: the safe loader first; checkpoints that pickle more than tensors
+    (training state, as LlamaGen's and Lightning's trainers write) need the full unpickler."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist") from None
+    except Exception as safe_error:  # noqa: BLE001 (the unpickler raises several types)
+        warnings.warn(f"{what} {path}: not loadable with weights_only=True ({type(safe_error).__name__}); loading "
+                      "it with the full unpickler: only do this with files you trust", stacklevel=3)
+        return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def to_pil(pixels: torch.Tensor) -> list:

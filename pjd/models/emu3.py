@@ -4,9 +4,11 @@ The visual token for codebook id c is ``<|visual token {c:06d}|>`` in ``config.v
 (``model.vocabulary_mapping``); the row end is ``<|extra_200|>``. The image prompt, as Emu3's
 processor builds it: ``BOS text <|image start|>{H}*{W}<|image token|>``, then H rows of W visual
 tokens + EOL. CFG as Emu3's generation example: the unconditional row is a negative prompt with the
-same image prefix (the official example's negative prompt is "lowres, bad anatomy, bad hands,
-text, error, missing fingers, extra digit, fewer digits, cropped, worst quality, low quality,
-normal quality, jpeg artifacts, signature, watermark, username, blurry.").
+same image prefix.
+
+Emu3-Gen's official recipe (its README example): the prompt text + ``POSITIVE_SUFFIX``, the
+unconditional row ``NEGATIVE_PROMPT``, CFG 3.0, top-k 2048 over the visual tokens:
+``pjd.generate(model, **emu3_prompt(..., cfg_scale=3.0, negative_ids=...), top_k=2048)``.
 """
 from __future__ import annotations
 
@@ -15,6 +17,10 @@ import torch
 from .base import (as_sequences, check_grid_size, contiguous_range, engine_kwargs, left_pad, to_pil,
                    vocab_id)
 
+POSITIVE_SUFFIX = " masterpiece, film grained, best quality."
+NEGATIVE_PROMPT = ("lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, fewer digits, "
+                   "cropped, worst quality, low quality, normal quality, jpeg artifacts, signature, watermark, "
+                   "username, blurry.")
 IMAGE_START = "<|image start|>"
 IMAGE_WRAPPER = "<|image token|>"
 
@@ -72,4 +78,4 @@ def decode_images(model, tokens: torch.Tensor) -> list:
         return to_pil(model.model.vqmodel.decode(codebook_ids(model, tokens)))
 
 
-__all__ = ["emu3_prompt", "codebook_ids", "decode_images", "image_token_range"]
+__all__ = ["emu3_prompt", "codebook_ids", "decode_images", "image_token_range", "POSITIVE_SUFFIX", "NEGATIVE_PROMPT"]

@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import CausalLMAdapter, as_sequences, check_grid_size, engine_kwargs, left_pad, to_pil
+from .base import (CausalLMAdapter, as_sequences, check_codebook_ids, check_grid_size, engine_kwargs, left_pad,
+                   to_pil)
 
 
 class JanusAdapter(CausalLMAdapter):
@@ -55,15 +56,16 @@ ADAPTER = JanusAdapter
 
 
 def _special(model, name: str, given: int | None) -> int:
-    """A special token id: given, else from the generation config (HF Janus checkpoints store both)."""
+    """A special token id: given, else from the generation config (HF Janus conversions store
+    ``generation_kwargs["boi_token_id"]``, some ``boi_token_id`` itself) or, for the pad, the text config."""
     if given is not None:
         return int(given)
     gen = getattr(model, "generation_config", None)
-    if name == "boi_token_id":
-        value = (getattr(gen, "generation_kwargs", None) or {}).get(name)
-    else:
+    value = (getattr(gen, "generation_kwargs", None) or {}).get(name) if name == "boi_token_id" else None
+    if value is None:
         value = getattr(gen, name, None)
-        value = model.config.text_config.pad_token_id if value is None else value
+    if value is None and name == "pad_token_id":
+        value = model.config.text_config.pad_token_id
     if value is None:
         raise ValueError(f"the model's generation config has no {name}; pass {name}= explicitly")
     return int(value)
@@ -79,8 +81,11 @@ def janus_prompt(model, text_ids, *, height: int | None = None, width: int | Non
             without ``<begin_of_image>``, one list per image (ragged: left-padded here).
         height, width: token grid; default the VQ model's native grid (24 x 24 for Janus-Pro 384 px).
         cfg_scale: != 1 adds the pad-token unconditional rows.
-        boi_token_id, pad_token_id: default from ``model.generation_config`` (HF Janus checkpoints
-            store ``generation_kwargs["boi_token_id"]`` and ``pad_token_id``).
+        boi_token_id, pad_token_id: default from ``model.generation_config``
+            (``generation_kwargs["boi_token_id"]`` or ``boi_token_id``; ``pad_token_id``).
+
+    Janus-Pro's official recipe (``generation_inference.py``): CFG 5, temperature 1, sampling from the
+    full codebook (no top-k): ``pjd.generate(model, **prompt, top_k=0)``.
     """
     native = model.config.vq_config.num_patches
     height = native if height is None else height
@@ -108,10 +113,7 @@ def decode_pixels(model, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def decode_images(model, tokens: torch.Tensor) -> list:
-    size = model.config.vq_config.num_embeddings
-    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= size):
-        raise ValueError(f"tokens must be codebook ids in [0, {size}), got values in "
-                         f"[{int(tokens.min())}, {int(tokens.max())}]")
+    check_codebook_ids(tokens, model.config.vq_config.num_embeddings)
     with torch.no_grad():
         return to_pil(decode_pixels(model, tokens))
 
