@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from pjd.ops._backend import BACKENDS
 from pjd.plan import METHODS
 
 
@@ -90,11 +91,13 @@ def main(argv=None) -> int:
     demo.add_argument("--seed", type=_int_at_least(0, 2**64), default=0)
     demo.add_argument("--cfg-scale", type=_finite, default=3.0)
     demo.add_argument("--top-k", type=_int_at_least(0), default=0)
-    demo.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    demo.add_argument("--backend", default="auto", choices=list(BACKENDS))
     demo.add_argument("--device", type=_device, default="cpu")
     demo.add_argument("--out", default="out/demo", help="folder for demo.png and demo.json")
     demo.add_argument("--json", dest="json_file", default=None, help="also write the per-method list here")
     demo.add_argument("--no-progress", action="store_true")
+    demo.add_argument("--no-hf", action="store_true",
+                      help="skip the hf row (transformers' own model.generate, the external baseline)")
 
     gen = sub.add_parser("generate", help="smoke run on a tiny random-weight Llama (no weights needed)")
     gen.add_argument("--method", choices=METHODS, default="pjd")
@@ -103,7 +106,7 @@ def main(argv=None) -> int:
     gen.add_argument("--batch", type=_int_at_least(1), default=2)
     gen.add_argument("--seed", type=_int_at_least(0, 2**64), default=0)
     gen.add_argument("--cache", choices=["slot", "append"], default="slot")
-    gen.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    gen.add_argument("--backend", default="auto", choices=list(BACKENDS))
 
     args = parser.parse_args(argv)
     if args.command == "demo":
@@ -112,7 +115,7 @@ def main(argv=None) -> int:
         _check_outputs(demo, args.out, args.json_file)
         run_demo(methods=args.methods, batch=args.batch, seed=args.seed, cfg_scale=args.cfg_scale,
                  top_k=args.top_k, backend=args.backend, out=args.out, json_file=args.json_file,
-                 progress=not args.no_progress, device=args.device)
+                 progress=not args.no_progress, device=args.device, hf=not args.no_hf)
         return 0
     return _generate(gen, args)
 

@@ -23,8 +23,9 @@ from pjd import _checks
 from pjd.cache import HIDDEN_POS, ActiveStep, AppendCache, SlotCache, StepInputs
 from pjd.models.base import adapter_for
 from pjd.ops._backend import resolve_backend
-from pjd.ops.speculative_verify import PREFIX, TOP, speculative_verify
+from pjd.ops.speculative_verify import PREFIX, TOP, VerifyResult, speculative_verify
 from pjd.plan import DecodePlan, make_plan
+from pjd.sampling import sample_inverse_cdf, scaled_logits, target_probs, undefined_rows
 
 BIG = 1 << 30
 
@@ -65,6 +66,7 @@ class Packed:
     lane_start: torch.Tensor | None = None        # [B, L] index of each lane's first input (-1: not fed)
     dest: torch.Tensor | None = None              # [B, L*(W+1)] packed index of each grid entry (N: none)
     writes_committed: torch.Tensor | None = None  # [B, L, W+1] leading inputs that write their key
+    fed_lanes: int = 0                            # most lanes fed in one image (host int)
 
 
 def generate(model, input_ids, *, height, width, method="pjd", window=None, context=None, top_k=0,
@@ -109,7 +111,7 @@ def generate(model, input_ids, *, height, width, method="pjd", window=None, cont
                      image_token_range=image_token_range, eol_token_id=eol_token_id, draft_init=draft_init,
                      reuse_threshold=reuse_threshold, cache=cache, vocab_size=adapter.vocab_size,
                      row_causal=row_causal)
-    resolve_backend(backend, adapter.device)  # fail before any work if the backend cannot run here
+    backend = resolve_backend(backend, adapter.device)  # fail before any work if the backend cannot run here
     if generator is not None and seed is not None:
         raise ValueError("pass either generator or seed, not both")
     if generator is None:
@@ -158,7 +160,8 @@ class _Decoder:
             self.cache = AppendCache(self.Bx, total + L * (W + 1), device)
         self.lane_id = torch.arange(L, device=device)
         self.step = 0  # decoding steps verified
-        self.undefined = torch.zeros(self.B, dtype=torch.bool, device=device)  # per image: the last step had no target
+        # Per image, the first step whose target was undefined (-1: none); read at host syncs.
+        self.bad_step = torch.full((self.B,), -1, dtype=torch.long, device=device)
 
     def _prompts(self, input_ids, attention_mask, uncond_input_ids, uncond_attention_mask):
         """(ids, mask) of every batch row: cond, then uncond with CFG (checked by pjd._checks)."""
@@ -195,7 +198,10 @@ class _Decoder:
         bar = _progress(progress, self.B * self.plan.height * self.plan.width, self.plan.method)
         with self.adapter.decoding():
             self.prefill(result)
-            while True:
+            host_known = self.backend == "sdpa" and self.plan.method == "ar" and isinstance(self.cache, SlotCache)
+            if host_known:
+                finished_at = self.run_ar(result, bar)
+            while not host_known:
                 lanes = self.schedule()
                 step = self.pack(lanes)
                 if step is None:
@@ -210,12 +216,58 @@ class _Decoder:
                 if progress:
                     bar.update(int(accepted.sum()))
         bar.close()
+        self._check_targets(*self._first_undefined().tolist())
         plan = self.plan
         image = self.tokens[:self.B, self.P:self.dump].view(self.B, plan.height, plan.row_slots)[:, :, :plan.width]
         result.tokens = image.clone()
         result.steps_per_image = finished_at
         result.wall_seconds = time.perf_counter() - t0
         return result
+
+    def run_ar(self, result, bar) -> torch.Tensor:
+        """method="ar" on the sdpa path: step t feeds raster position P - 1 + t, writes its key there as
+        committed and samples image slot t, all known on the host. So a step packs nothing, runs no
+        verification (there are no drafts: it is the top lane's bonus sample of speculative_verify
+        with m = 0, from the same draws) and never synchronises; its inputs live in preallocated
+        buffers updated in place. Returns the step at which each image finished (all: the last)."""
+        plan, B, Bx, P, device = self.plan, self.B, self.Bx, self.P, self.device
+        off = self.cache_offset()
+        pos = torch.empty(Bx, 1, dtype=torch.int32, device=device)
+        slot = torch.empty(Bx, 1, dtype=torch.long, device=device)
+        inputs = StepInputs(q_pos=pos, q_group=torch.zeros_like(pos), key_pos=pos,
+                            key_group=torch.full_like(pos, -1), slot=slot, kv_len=0)
+        counts = {True: torch.zeros(B, dtype=torch.long, device=device),  # image tokens committed per step
+                  False: torch.ones(B, dtype=torch.long, device=device)}
+        tokens = self.tokens.view(Bx // B, B, -1)  # cond and uncond rows share the image tokens
+        L, W = self.L, self.W
+        for t in range(plan.lane_len[0]):
+            raster = P - 1 + t
+            pos.fill_(raster)
+            slot.fill_(off + raster)
+            inputs.kv_len = off + raster + 1
+            logits = self.forward(Packed(inputs, self.tokens[:, raster:raster + 1], self.rope[:, raster:raster + 1]),
+                                  result)
+            # No cache.end(): begin() already wrote the key as committed, and it stays so.
+            undefined = undefined_rows(scaled_logits(logits, num_images=B, cfg_scale=self.cfg_scale,
+                                                     image_token_range=(plan.lo, plan.hi),
+                                                     temperature=self.sampling["temperature"]))[:, 0]
+            self.bad_step = torch.where((self.bad_step < 0) & undefined, t + 1, self.bad_step)
+            # The reference's draws for this step, in its order (acceptance, samples, draft init).
+            self._uniform((B, L, W))
+            u = self._uniform((B, L, W + 1))[..., 0]  # [B, 1]: the draw of slot n + 0
+            self._random_tokens((B, L, W))
+            forced = plan.eol_token_id is not None and t % plan.row_slots == plan.width
+            if forced:
+                tokens[:, :, raster + 1] = plan.eol_token_id
+            else:
+                p = target_probs(logits, num_images=B, cfg_scale=self.cfg_scale,
+                                 image_token_range=(plan.lo, plan.hi), **self.sampling)
+                tokens[:, :, raster + 1:raster + 2] = sample_inverse_cdf(p, u) + plan.lo
+            result.steps += 1
+            result.accepted.append(counts[forced])
+            bar.update(0 if forced else B)
+        self.n.fill_(plan.lane_len[0])
+        return torch.full((B,), result.steps, dtype=torch.long, device=device)
 
     def prefill(self, result):
         """Every prompt token but the last (which is re-fed by the first step) writes its KV."""
@@ -232,7 +284,7 @@ class _Decoder:
             slot=(self.cache_offset() + pos).long(),
             kv_len=self.cache_offset() + n,
         )
-        self.forward(Packed(inputs, self.tokens[:, :n], self.rope[:, :n]), result)
+        self.forward(Packed(inputs, self.tokens[:, :n], self.rope[:, :n]), result, logits=False)
         self.cache.end(real)
         self.kv_ready[:, :n] = real[:self.B]
 
@@ -276,14 +328,12 @@ class _Decoder:
         valid = lanes.fed[..., None] & (k <= lanes.drafts[..., None])          # [B, L, W+1]
         image_slot = (self.lane_base + self.n - 1)[..., None] + k              # -1: the last prompt token
         raster = P + image_slot
-        # The step's one host read; it also reports the previous step's undefined targets.
-        undefined = torch.where(self.undefined.any(), self.undefined.int().argmax(), -1)
-        N, max_raster, bad = (int(x) for x in torch.stack(
-            [count.sum(1).max(), torch.where(valid, raster, 0).max(), undefined]).tolist())
-        if bad >= 0:
-            raise ValueError(f"the model's logits define no distribution for image {bad} at decoding step {self.step}: "
-                             "a NaN or +inf, or -inf for every image token, in the CFG-combined image-token logits "
-                             "/ temperature; pjd cannot sample from them")
+        # The step's one host synchronisation: shapes (inputs, cache length, lanes fed) and whether
+        # a previous step's target was undefined (checked here rather than by a sync of its own).
+        N, max_raster, fed_lanes, bad_image, bad_step = torch.cat([torch.stack([
+            count.sum(1).max(), torch.where(valid, raster, 0).max(), lanes.fed.sum(1).max()]),
+            self._first_undefined()]).tolist()
+        self._check_targets(bad_image, bad_step)
         if N == 0:
             return None
 
@@ -340,7 +390,8 @@ class _Decoder:
         # The first leading token is the last prompt token, which differs between cond/uncond rows.
         step_tokens = torch.where(raster_rows < P, self.tokens.gather(1, raster_rows), self._rows(packed(tokens, 0)))
         return Packed(inputs, step_tokens, self.rope.gather(1, raster_rows),
-                      lane_start=torch.where(lanes.fed, start, -1), dest=dest, writes_committed=writes_committed)
+                      lane_start=torch.where(lanes.fed, start, -1), dest=dest, writes_committed=writes_committed,
+                      fed_lanes=fed_lanes)
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         """Per-image [B, ...] -> per batch row [Bx, ...] (cond and uncond rows share image metadata)."""
@@ -360,26 +411,62 @@ class _Decoder:
         n_above = torch.nn.functional.pad(self.n[:, :-1], (1, 0), value=1)
         return self.tokens[:self.B].gather(1, self.P + base_above + (n_above - 1).clamp(min=0))
 
-    def forward(self, step: Packed, result) -> torch.Tensor:
+    def forward(self, step: Packed, result, logits: bool = True) -> torch.Tensor | None:
         t0 = time.perf_counter()
         self.cache.begin(step.inputs)
         with ActiveStep(self.cache, step.inputs, self.backend):
-            logits = self.adapter.forward(step.tokens, step.rope)
+            # The prefill only writes keys: no output head over the prompt (logits=False).
+            logits = self.adapter.forward(step.tokens, step.rope, **({} if logits else {"logits": False}))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         result.forward_seconds += time.perf_counter() - t0
         return logits
 
+    def _first_undefined(self) -> torch.Tensor:
+        """int64 [2]: (image, step) of the first image whose target was undefined; (-1, -1) if none."""
+        bad = self.bad_step >= 0
+        image = torch.where(bad.any(), bad.int().argmax(), -1)
+        return torch.stack([image, self.bad_step[image.clamp(min=0)]])
+
+    @staticmethod
+    def _check_targets(image: int, step: int) -> None:
+        if image >= 0:
+            raise ValueError(f"the model's logits define no distribution for image {image} at decoding step {step}: "
+                             "a NaN or +inf, or -inf for every image token, in the CFG-combined image-token logits "
+                             "/ temperature; pjd cannot sample from them")
+
     def verify(self, logits: torch.Tensor, lanes: Lanes, step: Packed):
+        """speculative_verify of the step. Lanes are independent in it, so the sdpa path verifies only
+        the lanes fed this step (gathered to the front, results scattered back): its work follows the
+        active rows, not the grid height. Both paths draw the same randomness, so tokens agree."""
         plan, B, L, W = self.plan, self.B, self.L, self.W
-        return speculative_verify(
-            logits, step.lane_start.int(), lanes.drafts.int(), lanes.rule,
-            (self.lane_base + self.n).int(), lanes.room.int(), self.draft_tokens, self.draft_q,
-            self._uniform((B, L, W)), self._uniform((B, L, W + 1)), self._random_tokens((B, L, W)),
+        lane = [step.lane_start.int(), lanes.drafts.int(), lanes.rule, (self.lane_base + self.n).int(),
+                lanes.room.int(), self.draft_tokens, self.draft_q,
+                self._uniform((B, L, W)), self._uniform((B, L, W + 1)), self._random_tokens((B, L, W))]
+        compact = self.backend == "sdpa" and step.fed_lanes < L
+        if compact:
+            # The fed lanes of each image first (stable), then enough unfed ones to fill A columns.
+            order = torch.sort(lanes.fed.to(torch.uint8), dim=1, descending=True, stable=True).indices
+            order = order[:, :step.fed_lanes]
+            lane = [x.gather(1, order.view(B, -1, *(1,) * (x.dim() - 2)).expand(-1, -1, *x.shape[2:]))
+                    for x in lane]
+        verdict = speculative_verify(
+            logits, *lane,
             image_token_range=(plan.lo, plan.hi), cfg_scale=self.cfg_scale, reuse_threshold=plan.reuse_threshold,
             draft_init=self.draft_init, eol_token_id=plan.eol_token_id, row_slots=plan.row_slots,
             width=plan.width, backend=self.backend, validate=False, **self.sampling,
         )
+        if not compact:
+            return verdict
+
+        def scatter(full, part):
+            return full.scatter(1, order.view(B, -1, *(1,) * (part.dim() - 2)).expand_as(part), part)
+
+        zeros = torch.zeros(B, L, dtype=verdict.num_commit.dtype, device=self.device)
+        return VerifyResult(scatter(zeros, verdict.num_accepted), scatter(zeros, verdict.num_commit),
+                            scatter(self.draft_tokens.new_zeros(B, L, W + 1), verdict.commit_tokens),
+                            scatter(self.draft_tokens, verdict.next_tokens), scatter(self.draft_q, verdict.next_q),
+                            scatter(torch.zeros_like(self.n, dtype=torch.bool), verdict.invalid))
 
     def commit(self, verdict, step: Packed) -> torch.Tensor:
         """Write committed tokens, flip cache states, advance frontiers. Returns image tokens per image."""
@@ -401,7 +488,8 @@ class _Decoder:
         self.kv_ready.scatter_(1, torch.where(step.writes_committed[..., 0], slots[..., 0] - 1, dump), True)
         self.n = self.n + verdict.num_commit.long()
         self.draft_tokens, self.draft_q = verdict.next_tokens, verdict.next_q
-        self.undefined, self.step = verdict.invalid.any(1), self.step + 1  # raised at the next pack
+        self.step += 1
+        self.bad_step = torch.where((self.bad_step < 0) & verdict.invalid.any(1), self.step, self.bad_step)
         is_image = (slots - self.P) % plan.row_slots < plan.width
         return (committed & is_image).sum((1, 2))
 

@@ -25,6 +25,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from pjd.cache import active_step
 from pjd.ops import draft_attention
+from pjd.ops.draft_attention import draft_attention_sdpa
 
 NAME = "pjd"
 _SAVED = "_pjd_saved_attn"
@@ -48,8 +49,12 @@ def pjd_attention(module, query, key, value, attention_mask, dropout=0.0, scalin
                                       "pjd decoding supports plain causal attention only")
     k, v, k_pos, k_group = active.cache.update(layer, key, value)
     step = active.step
-    out = draft_attention(query, k, v, step.q_pos, step.q_group, k_pos, k_group,
-                          scale=scaling, backend=active.backend)
+    if active.backend == "sdpa":  # the engine's fast path: one mask per step, no argument checks per layer
+        scale = float(query.shape[-1] ** -0.5 if scaling is None else scaling)
+        out = draft_attention_sdpa(query, k, v, active.sdpa_mask(k_pos, k_group), scale)
+    else:
+        out = draft_attention(query, k, v, step.q_pos, step.q_group, k_pos, k_group,
+                              scale=scaling, backend=active.backend)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -25,7 +25,10 @@ def scaled_logits(logits: torch.Tensor, *, num_images: int, cfg_scale: float, im
                   temperature: float) -> torch.Tensor:
     """x = CFG-combined image-token logits / temperature, float32 ``[B, N, hi - lo]``: what softmax sees."""
     lo, hi = image_token_range
-    return combine_cfg(logits[..., lo:hi].float(), num_images, cfg_scale) / temperature
+    # Slices, casts and divisions that would be identities are skipped: the same values, fewer ops.
+    x = logits if (lo, hi) == (0, logits.shape[-1]) else logits[..., lo:hi]
+    x = combine_cfg(x if x.dtype == torch.float32 else x.float(), num_images, cfg_scale)
+    return x / temperature if temperature != 1.0 else x
 
 
 def undefined_rows(x: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Model adapters: what the engine needs from a model, whatever its family.
 
 The engine calls ``adapter.forward(input_ids [Bx, N], position_ids [Bx, N]) -> logits [Bx, N, V]``
-inside ``adapter.decoding()``; attention goes through the "pjd" implementation (pjd.fast), which
+inside ``adapter.decoding()`` (``logits=False``: the prefill, which only writes keys, skips the output
+head and gets None); attention goes through the "pjd" implementation (pjd.fast), which
 reads the step's metadata and the cache from context, so the adapter never sees the cache.
 An adapter also exposes ``device``, ``vocab_size`` (logits width) and ``max_positions``.
 
@@ -59,7 +60,10 @@ class CausalLMAdapter:
         """Context in which forward() runs with pjd attention."""
         return fast.patched(self.model)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, logits: bool = True):
+        if not logits:
+            self.model.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+            return None
         return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
 
 

@@ -41,7 +41,7 @@ class JanusAdapter(CausalLMAdapter):
     def input_vocab_size(self) -> int:
         return self.codebook_size + super().input_vocab_size
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, logits: bool = True):
         model, K = self.model, self.codebook_size
         is_image = (input_ids < K)[..., None]
         text = model.get_input_embeddings()((input_ids - K).clamp(min=0))
@@ -49,7 +49,7 @@ class JanusAdapter(CausalLMAdapter):
         embeds = torch.where(is_image, image.to(text.dtype), text)
         hidden = model.model.language_model(inputs_embeds=embeds, position_ids=position_ids,
                                             use_cache=False).last_hidden_state
-        return model.model.generation_head(hidden)
+        return model.model.generation_head(hidden) if logits else None
 
 
 ADAPTER = JanusAdapter

@@ -37,6 +37,26 @@ def draft_attention_reference(q, k, v, q_pos, q_group, k_pos, k_group, scale: fl
     return torch.matmul(probs, v).to(q.dtype)
 
 
+def sdpa_mask(q_pos, q_group, k_pos, k_group) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's mask as SDPA takes it: (visible bool ``[B, 1, Nq, Nk]``, sees_any bool ``[B, 1, Nq, 1]``).
+
+    Built for the step's rows only, and once per step by the engine (every layer of a step reads
+    the same keys' metadata): its size is the attention's score count divided by the heads.
+    """
+    visible = visibility_mask(q_pos, q_group, k_pos, k_group)[:, None]
+    return visible, visible.any(-1, keepdim=True)
+
+
+def draft_attention_sdpa(q, k, v, mask: tuple[torch.Tensor, torch.Tensor], scale: float) -> torch.Tensor:
+    """torch SDPA with native grouped-query attention over ``mask = sdpa_mask(...)``: K/V are read in
+    place (a strided view of the cache is fine), never repeated, upcast or copied."""
+    visible, sees_any = mask
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=visible, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    # A query that sees nothing (padding) gets zeros as in the reference; some SDPA kernels give NaN.
+    return torch.where(sees_any, out, 0.0)
+
+
 @torch.library.custom_op("pjd::draft_attention", mutates_args=())
 def _draft_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -47,6 +67,9 @@ def _draft_attention_op(
         from pjd.kernels.draft_attention import draft_attention_triton
 
         return draft_attention_triton(q, k, v, q_pos, q_group, k_pos, k_group, scale)
+    if backend == "sdpa":
+        mask = sdpa_mask(q_pos, q_group, k_pos, k_group)
+        return draft_attention_sdpa(q, k, v, mask, scale).contiguous()
     return draft_attention_reference(q, k, v, q_pos, q_group, k_pos, k_group, scale)
 
 
@@ -66,7 +89,8 @@ def draft_attention(q, k, v, q_pos, q_group, k_pos, k_group, *, scale=None, back
         k_pos, k_group: int32 ``[B, Nk]`` raster position and state of each key:
             -1 committed, -2 never visible, g >= 0 draft of row g.
         scale: finite softmax scale, default ``D ** -0.5``.
-        backend: "auto" (triton on CUDA, torch elsewhere), "torch" or "triton".
+        backend: "auto" (triton on CUDA, sdpa elsewhere), "torch" (the reference), "sdpa" (torch's
+            scaled_dot_product_attention with a boolean mask of the step's rows) or "triton".
 
     Returns:
         ``[B, Hq, Nq, D]`` in q's dtype. A query that sees no key gets zeros.

@@ -234,12 +234,16 @@ def speculative_verify(
                          u_accept, u_sample, init_tokens, image_token_range, cfg_scale, temperature, top_k, top_p,
                          reuse_threshold, draft_init, eol_token_id, row_slots, width, validate)
     backend = resolve_backend(backend, logits.device)
-    out = _speculative_verify_op(
-        logits, lane_start, lane_drafts, lane_rule, lane_slot, lane_room, draft_tokens, draft_q,
-        u_accept, u_sample, init_tokens, float(cfg_scale), int(lo), int(hi), float(temperature),
-        int(top_k), float(top_p), -1.0 if reuse_threshold is None else float(reuse_threshold),
-        draft_init, -1 if eol_token_id is None else int(eol_token_id), int(row_slots), int(width), backend,
-    )
+    lanes = (logits, lane_start, lane_drafts, lane_rule, lane_slot, lane_room, draft_tokens, draft_q,
+             u_accept, u_sample, init_tokens, float(cfg_scale))
+    rules = (float(temperature), int(top_k), float(top_p), -1.0 if reuse_threshold is None else float(reuse_threshold),
+             draft_init, -1 if eol_token_id is None else int(eol_token_id), int(row_slots), int(width))
+    if backend == "sdpa" and not torch.compiler.is_compiling():
+        # The sdpa (CPU) path calls the torch implementation directly: on a CPU the custom-op dispatch
+        # costs about as much as a small verification. Under torch.compile the registered op is traced.
+        out = speculative_verify_reference(*lanes, (int(lo), int(hi)), *rules)
+    else:
+        out = _speculative_verify_op(*lanes, int(lo), int(hi), *rules, backend)
     return VerifyResult(*out)
 
 
