@@ -25,7 +25,7 @@ from pjd.models.base import adapter_for
 from pjd.ops._backend import resolve_backend
 from pjd.ops.speculative_verify import PREFIX, TOP, VerifyResult, speculative_verify
 from pjd.plan import DecodePlan, make_plan
-from pjd.sampling import sample_inverse_cdf, scaled_logits, target_probs, undefined_rows
+from pjd.sampling import sample_inverse_cdf, target_probs
 
 BIG = 1 << 30
 
@@ -240,6 +240,7 @@ class _Decoder:
                   False: torch.ones(B, dtype=torch.long, device=device)}
         tokens = self.tokens.view(Bx // B, B, -1)  # cond and uncond rows share the image tokens
         L, W = self.L, self.W
+        undefined = torch.zeros(plan.lane_len[0], B, dtype=torch.bool, device=device)  # [step, image]
         for t in range(plan.lane_len[0]):
             raster = P - 1 + t
             pos.fill_(raster)
@@ -248,10 +249,6 @@ class _Decoder:
             logits = self.forward(Packed(inputs, self.tokens[:, raster:raster + 1], self.rope[:, raster:raster + 1]),
                                   result)
             # No cache.end(): begin() already wrote the key as committed, and it stays so.
-            undefined = undefined_rows(scaled_logits(logits, num_images=B, cfg_scale=self.cfg_scale,
-                                                     image_token_range=(plan.lo, plan.hi),
-                                                     temperature=self.sampling["temperature"]))[:, 0]
-            self.bad_step = torch.where((self.bad_step < 0) & undefined, t + 1, self.bad_step)
             # The reference's draws for this step, in its order (acceptance, samples, draft init).
             self._uniform((B, L, W))
             u = self._uniform((B, L, W + 1))[..., 0]  # [B, 1]: the draw of slot n + 0
@@ -262,11 +259,14 @@ class _Decoder:
             else:
                 p = target_probs(logits, num_images=B, cfg_scale=self.cfg_scale,
                                  image_token_range=(plan.lo, plan.hi), **self.sampling)
+                # p is NaN exactly where the target is undefined (pjd.sampling.undefined_rows).
+                undefined[t] = torch.isnan(p).any((1, 2))
                 tokens[:, :, raster + 1:raster + 2] = sample_inverse_cdf(p, u) + plan.lo
             result.steps += 1
             result.accepted.append(counts[forced])
             bar.update(0 if forced else B)
         self.n.fill_(plan.lane_len[0])
+        self.bad_step = torch.where(undefined.any(0), undefined.int().argmax(0) + 1, -1)
         return torch.full((B,), result.steps, dtype=torch.long, device=device)
 
     def prefill(self, result):

@@ -244,12 +244,13 @@ def _nan(x):
 
 @pytest.mark.parametrize("poison,image", [(_plus_inf, 0), (_all_minus_inf, 1), (_nan, 0)])
 @pytest.mark.parametrize("method", ["ar", "pjd"])
-def test_non_finite_logits_raise_naming_step_and_image(model, poison, image, method):
+@pytest.mark.parametrize("backend", ["torch", "sdpa"])  # sdpa + ar: the loop without per-step syncs
+def test_non_finite_logits_raise_naming_step_and_image(model, poison, image, method, backend):
     ids = torch.tensor([[30, 31], [31, 30]])
     handle = _poison(model, poison)
     try:
         with pytest.raises(ValueError, match=rf"image {image} at decoding step 1\b"):
-            pjd.generate(model, ids, method=method, **GOOD)
+            pjd.generate(model, ids, method=method, backend=backend, **GOOD)
     finally:
         handle.remove()
     assert not pjd.fast.is_patched(model)
