@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pjd import _checks
 from pjd.cache import HIDDEN_POS, ActiveStep, AppendCache, SlotCache, StepInputs
 from pjd.models.base import adapter_for
 from pjd.ops._backend import resolve_backend
 from pjd.ops.speculative_verify import PREFIX, TOP, VerifyResult, speculative_verify
-from pjd.plan import DecodePlan, check_tensor, make_plan
+from pjd.plan import DecodePlan, make_plan
 from pjd.sampling import sample_inverse_cdf, target_probs
 
 BIG = 1 << 30
@@ -71,7 +72,7 @@ class Packed:
 def generate(model, input_ids, *, height, width, method="pjd", window=None, context=None, top_k=0,
              top_p=1.0, temperature=1.0, cfg_scale=1.0, uncond_input_ids=None, attention_mask=None,
              uncond_attention_mask=None, image_token_range=None, eol_token_id=None, draft_init="random",
-             reuse_threshold=0.5, cache="slot", backend="auto", generator=None, seed=None, progress=False,
+             reuse_threshold="auto", cache="slot", backend="auto", generator=None, seed=None, progress=False,
              row_causal=True) -> GenerationResult:
     """Generate a height x width grid of image tokens per prompt.
 
@@ -86,12 +87,25 @@ def generate(model, input_ids, *, height, width, method="pjd", window=None, cont
         cfg_scale: != 1 needs ``uncond_input_ids``; combined logits ``uncond + s * (cond - uncond)``.
         image_token_range: ``(lo, hi)`` image token ids (default: whole vocabulary).
         eol_token_id: forced end-of-line token after every row (row_slots = width + 1).
-        draft_init: "random" | "repeat_left". reuse_threshold: pjd / sjd++ draft reuse (None: off).
+        draft_init: "random" | "repeat_left" (methods with drafts). reuse_threshold: pjd / sjd++
+            draft reuse ("auto": 0.5; None: off); other methods take only "auto" or None.
         cache: "slot" | "append". backend: "auto" | "torch" | "triton" (attention and verification).
         generator / seed: randomness (a CPU torch.Generator, or a seed for a fresh one).
-        row_causal: False lets drafts see other rows' drafts (the paper's ablation).
+        row_causal: False lets drafts see other rows' drafts (the paper's ablation; pjd only).
+
+    Every argument is checked before any decoding work (TypeError / ValueError naming it); the call
+    runs under ``torch.no_grad()``. A model emitting NaN / +inf logits, or -inf for every image
+    token, raises ValueError naming the step and the image (pjd.ops.speculative_verify's rule).
     """
     adapter = adapter_for(model)
+    _checks.check_settings(method=method, height=height, width=width, window=window, context=context, top_k=top_k,
+                           top_p=top_p, temperature=temperature, cfg_scale=cfg_scale,
+                           image_token_range=image_token_range, eol_token_id=eol_token_id, draft_init=draft_init,
+                           reuse_threshold=reuse_threshold, generator=generator, seed=seed, progress=progress,
+                           row_causal=row_causal)
+    prompt_len = _checks.check_prompts(adapter, input_ids, attention_mask, uncond_input_ids, uncond_attention_mask,
+                                       cfg_scale)
+    _checks.check_positions(adapter, prompt_len, height, width, eol_token_id)
     plan = make_plan(method=method, height=height, width=width, window=window, context=context,
                      top_k=top_k, top_p=top_p, temperature=temperature, cfg_scale=cfg_scale,
                      image_token_range=image_token_range, eol_token_id=eol_token_id, draft_init=draft_init,
@@ -104,10 +118,11 @@ def generate(model, input_ids, *, height, width, method="pjd", window=None, cont
         generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
     elif generator.device.type != "cpu":
         raise ValueError(f"generator must be a CPU torch.Generator (device-independent draws), got {generator.device}")
-    decoder = _Decoder(adapter, plan, input_ids, attention_mask, uncond_input_ids, uncond_attention_mask,
-                       cfg_scale, dict(top_k=top_k, top_p=float(top_p), temperature=float(temperature)),
-                       draft_init, cache, backend, generator)
-    return decoder.run(progress)
+    with torch.no_grad():  # as transformers' generate: no autograd graph of the whole decode
+        decoder = _Decoder(adapter, plan, input_ids, attention_mask, uncond_input_ids, uncond_attention_mask,
+                           cfg_scale, dict(top_k=top_k, top_p=float(top_p), temperature=float(temperature)),
+                           draft_init, cache, backend, generator)
+        return decoder.run(progress)
 
 
 class _Decoder:
@@ -120,9 +135,6 @@ class _Decoder:
         self.B = input_ids.shape[0]
         self.Bx, self.P = prompt.shape
         total = self.P + plan.image_slots
-        if adapter.max_positions is not None and total > adapter.max_positions:
-            raise ValueError(f"a {plan.height}x{plan.width} grid after a {self.P}-token prompt needs {total} "
-                             f"positions; the model has max_position_embeddings={adapter.max_positions}")
         L, W = plan.num_lanes, max(plan.window, 1)  # ar/zipar store one (never fed) draft per lane
         self.L, self.W = L, W
         # Raster buffers: prompt then image slots. Image slots are shared by cond/uncond rows.
@@ -147,24 +159,16 @@ class _Decoder:
         else:
             self.cache = AppendCache(self.Bx, total + L * (W + 1), device)
         self.lane_id = torch.arange(L, device=device)
-        self.nan_seen = torch.zeros((), dtype=torch.bool, device=device)
+        self.step = 0  # decoding steps verified
+        # Per image, the first step whose target was undefined (-1: none); read at host syncs.
+        self.bad_step = torch.full((self.B,), -1, dtype=torch.long, device=device)
 
     def _prompts(self, input_ids, attention_mask, uncond_input_ids, uncond_attention_mask):
-        device = self.adapter.device
-        check_tensor("input_ids", input_ids, 2, "int", device)
-        if input_ids.shape[1] < 1:
-            raise ValueError("input_ids must hold at least one prompt token")
-        mask = self._mask("attention_mask", attention_mask, input_ids)
+        """(ids, mask) of every batch row: cond, then uncond with CFG (checked by pjd._checks)."""
+        mask = self._mask(attention_mask, input_ids)
         if self.cfg_scale == 1.0:
-            if uncond_input_ids is not None:
-                raise ValueError("uncond_input_ids given but cfg_scale == 1 (CFG off); set cfg_scale != 1")
             return input_ids.long(), mask
-        if uncond_input_ids is None:
-            raise ValueError(f"cfg_scale={self.cfg_scale} needs uncond_input_ids (the unconditional prompt)")
-        check_tensor("uncond_input_ids", uncond_input_ids, 2, "int", device)
-        if uncond_input_ids.shape[0] != input_ids.shape[0]:
-            raise ValueError(f"uncond_input_ids must have batch {input_ids.shape[0]}, got {uncond_input_ids.shape[0]}")
-        umask = self._mask("uncond_attention_mask", uncond_attention_mask, uncond_input_ids)
+        umask = self._mask(uncond_attention_mask, uncond_input_ids)
         P = max(input_ids.shape[1], uncond_input_ids.shape[1])  # left-pad both to one length
 
         def pad(ids, m):
@@ -176,16 +180,8 @@ class _Decoder:
         return torch.cat([c, u]), torch.cat([cm, um])
 
     @staticmethod
-    def _mask(name, mask, ids):
-        if mask is None:
-            return torch.ones_like(ids, dtype=torch.bool)
-        check_tensor(name, mask, 2, "any", ids.device)
-        if mask.shape != ids.shape:
-            raise ValueError(f"{name} must have the prompt's shape {list(ids.shape)}, got {list(mask.shape)}")
-        mask = mask.bool()
-        if not bool(mask[:, -1].all()):
-            raise ValueError(f"{name}: the last prompt token of every row must be real (use left padding)")
-        return mask
+    def _mask(mask, ids):
+        return torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
 
     def _random_tokens(self, shape):
         lo, hi = self.plan.lo, self.plan.hi
@@ -220,7 +216,7 @@ class _Decoder:
                 if progress:
                     bar.update(int(accepted.sum()))
         bar.close()
-        self._check_nan(bool(self.nan_seen))
+        self._check_targets(*self._first_undefined().tolist())
         plan = self.plan
         image = self.tokens[:self.B, self.P:self.dump].view(self.B, plan.height, plan.row_slots)[:, :, :plan.width]
         result.tokens = image.clone()
@@ -244,6 +240,7 @@ class _Decoder:
                   False: torch.ones(B, dtype=torch.long, device=device)}
         tokens = self.tokens.view(Bx // B, B, -1)  # cond and uncond rows share the image tokens
         L, W = self.L, self.W
+        undefined = torch.zeros(plan.lane_len[0], B, dtype=torch.bool, device=device)  # [step, image]
         for t in range(plan.lane_len[0]):
             raster = P - 1 + t
             pos.fill_(raster)
@@ -252,7 +249,6 @@ class _Decoder:
             logits = self.forward(Packed(inputs, self.tokens[:, raster:raster + 1], self.rope[:, raster:raster + 1]),
                                   result)
             # No cache.end(): begin() already wrote the key as committed, and it stays so.
-            self.nan_seen |= torch.isnan(logits).any()
             # The reference's draws for this step, in its order (acceptance, samples, draft init).
             self._uniform((B, L, W))
             u = self._uniform((B, L, W + 1))[..., 0]  # [B, 1]: the draw of slot n + 0
@@ -263,11 +259,14 @@ class _Decoder:
             else:
                 p = target_probs(logits, num_images=B, cfg_scale=self.cfg_scale,
                                  image_token_range=(plan.lo, plan.hi), **self.sampling)
+                # p is NaN exactly where the target is undefined (pjd.sampling.undefined_rows).
+                undefined[t] = torch.isnan(p).any((1, 2))
                 tokens[:, :, raster + 1:raster + 2] = sample_inverse_cdf(p, u) + plan.lo
             result.steps += 1
             result.accepted.append(counts[forced])
             bar.update(0 if forced else B)
         self.n.fill_(plan.lane_len[0])
+        self.bad_step = torch.where(undefined.any(0), undefined.int().argmax(0) + 1, -1)
         return torch.full((B,), result.steps, dtype=torch.long, device=device)
 
     def prefill(self, result):
@@ -330,11 +329,11 @@ class _Decoder:
         image_slot = (self.lane_base + self.n - 1)[..., None] + k              # -1: the last prompt token
         raster = P + image_slot
         # The step's one host synchronisation: shapes (inputs, cache length, lanes fed) and whether
-        # the previous step's logits held NaN (checked here rather than by a sync of its own).
-        N, max_raster, fed_lanes, nan = torch.stack([
-            count.sum(1).max(), torch.where(valid, raster, 0).max(), lanes.fed.sum(1).max(), self.nan_seen,
-        ]).tolist()
-        self._check_nan(nan)
+        # a previous step's target was undefined (checked here rather than by a sync of its own).
+        N, max_raster, fed_lanes, bad_image, bad_step = torch.cat([torch.stack([
+            count.sum(1).max(), torch.where(valid, raster, 0).max(), lanes.fed.sum(1).max()]),
+            self._first_undefined()]).tolist()
+        self._check_targets(bad_image, bad_step)
         if N == 0:
             return None
 
@@ -423,15 +422,23 @@ class _Decoder:
         result.forward_seconds += time.perf_counter() - t0
         return logits
 
-    def _check_nan(self, nan) -> None:
-        if nan:
-            raise ValueError("the model produced NaN logits; pjd cannot sample from them")
+    def _first_undefined(self) -> torch.Tensor:
+        """int64 [2]: (image, step) of the first image whose target was undefined; (-1, -1) if none."""
+        bad = self.bad_step >= 0
+        image = torch.where(bad.any(), bad.int().argmax(), -1)
+        return torch.stack([image, self.bad_step[image.clamp(min=0)]])
+
+    @staticmethod
+    def _check_targets(image: int, step: int) -> None:
+        if image >= 0:
+            raise ValueError(f"the model's logits define no distribution for image {image} at decoding step {step}: "
+                             "a NaN or +inf, or -inf for every image token, in the CFG-combined image-token logits "
+                             "/ temperature; pjd cannot sample from them")
 
     def verify(self, logits: torch.Tensor, lanes: Lanes, step: Packed):
         """speculative_verify of the step. Lanes are independent in it, so the sdpa path verifies only
         the lanes fed this step (gathered to the front, results scattered back): its work follows the
         active rows, not the grid height. Both paths draw the same randomness, so tokens agree."""
-        self.nan_seen |= torch.isnan(logits).any()  # read by the next step's synchronisation
         plan, B, L, W = self.plan, self.B, self.L, self.W
         lane = [step.lane_start.int(), lanes.drafts.int(), lanes.rule, (self.lane_base + self.n).int(),
                 lanes.room.int(), self.draft_tokens, self.draft_q,
@@ -447,7 +454,7 @@ class _Decoder:
             logits, *lane,
             image_token_range=(plan.lo, plan.hi), cfg_scale=self.cfg_scale, reuse_threshold=plan.reuse_threshold,
             draft_init=self.draft_init, eol_token_id=plan.eol_token_id, row_slots=plan.row_slots,
-            width=plan.width, backend=self.backend, **self.sampling,
+            width=plan.width, backend=self.backend, validate=False, **self.sampling,
         )
         if not compact:
             return verdict
@@ -458,7 +465,8 @@ class _Decoder:
         zeros = torch.zeros(B, L, dtype=verdict.num_commit.dtype, device=self.device)
         return VerifyResult(scatter(zeros, verdict.num_accepted), scatter(zeros, verdict.num_commit),
                             scatter(self.draft_tokens.new_zeros(B, L, W + 1), verdict.commit_tokens),
-                            scatter(self.draft_tokens, verdict.next_tokens), scatter(self.draft_q, verdict.next_q))
+                            scatter(self.draft_tokens, verdict.next_tokens), scatter(self.draft_q, verdict.next_q),
+                            scatter(torch.zeros_like(self.n, dtype=torch.bool), verdict.invalid))
 
     def commit(self, verdict, step: Packed) -> torch.Tensor:
         """Write committed tokens, flip cache states, advance frontiers. Returns image tokens per image."""
@@ -480,6 +488,8 @@ class _Decoder:
         self.kv_ready.scatter_(1, torch.where(step.writes_committed[..., 0], slots[..., 0] - 1, dump), True)
         self.n = self.n + verdict.num_commit.long()
         self.draft_tokens, self.draft_q = verdict.next_tokens, verdict.next_q
+        self.step += 1
+        self.bad_step = torch.where((self.bad_step < 0) & verdict.invalid.any(1), self.step, self.bad_step)
         is_image = (slots - self.P) % plan.row_slots < plan.width
         return (committed & is_image).sum((1, 2))
 

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from pjd import fast
+from pjd.ops._checks import finite
 
 # transformers class name -> pjd.models module holding that family's adapter and decoder.
 _FAMILIES = {
@@ -45,6 +46,11 @@ class CausalLMAdapter:
     @property
     def vocab_size(self) -> int:
         return self.model.get_output_embeddings().weight.shape[0]
+
+    @property
+    def input_vocab_size(self) -> int:
+        """Prompt ids lie in [0, input_vocab_size) (the input embedding's rows)."""
+        return self.model.get_input_embeddings().num_embeddings
 
     @property
     def max_positions(self) -> int | None:
@@ -75,6 +81,13 @@ def adapter_for(model):
         return model
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "get_output_embeddings"):
         raise TypeError(f"model must be a transformers causal LM or a pjd adapter, got {type(model).__name__}")
+    if model.get_output_embeddings() is None or not model.can_generate():
+        raise TypeError(f"model must be a causal LM with a language-model head (e.g. LlamaForCausalLM), got "
+                        f"{type(model).__name__}, which does not generate")
+    if not fast.is_patched(model):
+        reason = fast.why_not_patchable(model)
+        if reason is not None:
+            raise TypeError(f"model {type(model).__name__} cannot use pjd attention: {reason}")
     family = _family(model)
     return getattr(family, "ADAPTER", CausalLMAdapter)(model)
 
@@ -90,6 +103,13 @@ def decode_images(model, tokens: torch.Tensor) -> list:
                         "family's own image tokenizer (see docs/models.md)")
     check_grid(tokens)
     return decode(model, tokens)
+
+
+def check_codebook_ids(tokens: torch.Tensor, size: int) -> None:
+    """Tokens handed to a VQ decoder are codebook ids in [0, size) (else an IndexError deep inside)."""
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= size):
+        raise ValueError(f"tokens must be codebook ids in [0, {size}), got values in "
+                         f"[{int(tokens.min())}, {int(tokens.max())}]")
 
 
 # ---------------------------------------------------------------- helpers for the prompt builders
@@ -109,8 +129,23 @@ def as_sequences(name: str, ids) -> list[list[int]]:
     if not isinstance(ids, Sequence) or not ids:
         raise TypeError(f"{name} must be a non-empty list of token ids or of token-id lists, got {ids!r}")
     if all(isinstance(i, int) for i in ids):
-        return [list(ids)]
-    return [s.tolist() if isinstance(s, torch.Tensor) else list(s) for s in ids]
+        seqs = [list(ids)]
+    else:
+        seqs = []
+        for s in ids:
+            if isinstance(s, torch.Tensor) and s.dim() == 1 and not s.dtype.is_floating_point:
+                seqs.append(s.tolist())
+            elif isinstance(s, Sequence) and not isinstance(s, (str, bytes)):
+                seqs.append(list(s))
+            else:
+                raise TypeError(f"{name} must be a list of token ids or of token-id lists, got an entry {s!r}")
+    for s in seqs:
+        bad = [t for t in s if isinstance(t, bool) or not isinstance(t, int)]
+        if bad:
+            raise TypeError(f"{name} must hold int token ids, got {bad[0]!r}")
+        if any(t < 0 for t in s):
+            raise ValueError(f"{name} must hold token ids >= 0, got {min(s)}")
+    return seqs
 
 
 def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,7 +178,7 @@ def engine_kwargs(*, ids, mask, uncond_ids, uncond_mask, cfg_scale, height, widt
                   eol_token_id=None) -> dict:
     """The keyword arguments of pjd.generate for a built prompt (no unconditional rows without CFG)."""
     kw = dict(input_ids=ids, attention_mask=mask, height=height, width=width,
-              image_token_range=image_token_range, cfg_scale=float(cfg_scale))
+              image_token_range=image_token_range, cfg_scale=finite("cfg_scale", cfg_scale))
     if eol_token_id is not None:
         kw["eol_token_id"] = int(eol_token_id)
     if float(cfg_scale) != 1.0:

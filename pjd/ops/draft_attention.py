@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from . import _checks
 from ._backend import check_int32, resolve_backend
 
 COMMITTED = -1
@@ -87,7 +88,7 @@ def draft_attention(q, k, v, q_pos, q_group, k_pos, k_group, *, scale=None, back
         q_pos, q_group: int32 ``[B, Nq]`` raster position and row group of each query.
         k_pos, k_group: int32 ``[B, Nk]`` raster position and state of each key:
             -1 committed, -2 never visible, g >= 0 draft of row g.
-        scale: softmax scale, default ``D ** -0.5``.
+        scale: finite softmax scale, default ``D ** -0.5``.
         backend: "auto" (triton on CUDA, sdpa elsewhere), "torch" (the reference), "sdpa" (torch's
             scaled_dot_product_attention with a boolean mask of the step's rows) or "triton".
 
@@ -102,6 +103,8 @@ def draft_attention(q, k, v, q_pos, q_group, k_pos, k_group, *, scale=None, back
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
     B, Hq, Nq, D = q.shape
+    if D == 0:
+        raise ValueError(f"q must have head dim D >= 1, got shape {list(q.shape)}")
     Bk, Hkv, Nk, Dk = k.shape
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {list(k.shape)} and {list(v.shape)}")
@@ -119,6 +122,6 @@ def draft_attention(q, k, v, q_pos, q_group, k_pos, k_group, *, scale=None, back
     check_int32("q_group", q_group, (B, Nq), q.device)
     check_int32("k_pos", k_pos, (B, Nk), q.device)
     check_int32("k_group", k_group, (B, Nk), q.device)
-    scale = float(D ** -0.5 if scale is None else scale)
+    scale = D ** -0.5 if scale is None else _checks.finite("scale", scale)
     backend = resolve_backend(backend, q.device)
     return _draft_attention_op(q, k, v, q_pos, q_group, k_pos, k_group, scale, backend)
