@@ -75,16 +75,16 @@ setup(
     description="Parallel Jacobi Decoding for autoregressive image generators: Triton kernels + engine",
     packages=packages,
     package_dir={"pjd.kernels": "kernels"},
-    package_data={"pjd.models": ["assets/*"]},
+    package_data={"pjd.fashion": ["assets/*"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "transformers>=4.56", "numpy", "pillow", "safetensors", "tqdm"],
     extras_require={
         "triton": ["triton>=3.0"],
-        # The default model's training data and held-out crops come from photos in the scikit-image wheel.
-        "data": ["scikit-image"],
-        "test": ["pytest", "pytest-xdist", "ninja", "triton>=3.0", "scikit-image"],
+        # Plots of benchmarks/e2e.py's Table-1 reproduction (optional: the table itself needs none).
+        "bench": ["matplotlib"],
+        "test": ["pytest", "pytest-xdist", "ninja", "triton>=3.0"],
     },
     entry_points={"console_scripts": ["pjd=pjd.cli:main"]},
 )

@@ -11,14 +11,19 @@ Sections (each prints a table; everything is saved as JSON, plus PNG plots):
   topk      pjd vs ar over top-k
   cfg       pjd vs ar over the CFG scale
   ablation  pjd with and without the row-causal mask
-Quality: mean NLL per token of the samples under the model itself (teacher-forced) and, for batches
-of >= 64 images (pjd.demo.FD_MIN_IMAGES), a Fréchet distance to held-out real crops (see docs/default_model.md).
+Quality: mean NLL per token of the samples under the model itself (teacher-forced), the shipped
+classifier's accuracy on the requested classes and, for batches of >= 100 images
+(pjd.demo.FID_MIN_IMAGES), FID against the Fashion-MNIST test split (pjd.quality).
+
+--table1 instead runs the paper's Table 1 on the default model (benchmarks/_table1.py): every method
+over --table1-samples images (equal per class), FID and class accuracy with bootstrap intervals.
 
 Usage: python benchmarks/e2e.py [--model default|tiny] [--batch 16] [--sections methods,context]
        [--speed-methods ar,sjd,pjd] [--repeats 3] [--hf-cfg both|batched|guidance]
        [--out bench_out/e2e] [--docs]      (--docs also refreshes docs/e2e/ and docs/performance.md)
        python benchmarks/e2e.py --quick    (the speed section at batch 1: ar, hf, pjd, 3 repeats; about a
                                         minute of CPU time)
+       python benchmarks/e2e.py --table1 [--table1-samples 2000] [--table1-batch 100] [--docs]
 Run with OMP_NUM_THREADS=1 (or --threads) for the one-thread figures.
 """
 from __future__ import annotations
@@ -32,7 +37,7 @@ from pathlib import Path
 import torch
 
 import pjd
-from pjd.demo import FD_MIN_IMAGES, device_name
+from pjd.demo import FID_MIN_IMAGES, device_name
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import line_chart, update_docs  # noqa: E402
@@ -61,8 +66,8 @@ class Bench:
             self.prompt = torch.randint(256, 263, (batch, 1), generator=torch.Generator().manual_seed(seed))
             self.null = torch.full((batch, 1), 263)
             self.decode = None
+        self.labels = torch.arange(batch) % 10
         self.batch, self.seed, self.cfg_scale = batch, seed, cfg_scale
-        self.real = None
 
     def generate(self, method: str, **kw):
         with torch.no_grad():
@@ -79,7 +84,7 @@ class Bench:
                            cfg_mode=cfg_mode)
 
     def run(self, method: str, **kw) -> dict:
-        from pjd.quality import frechet_distance, nll_per_token
+        from pjd.quality import class_accuracy, classifier_features, fid, nll_per_token
 
         cfg = kw.pop("cfg_scale", self.cfg_scale)
         with torch.no_grad():
@@ -95,12 +100,11 @@ class Bench:
                    nll_per_token=float(nll.mean()),
                    nll_sem=float(nll.std() / len(nll) ** 0.5) if len(nll) > 1 else None,
                    accepted_per_step=torch.stack(r.accepted).double().mean(1).tolist())
-        if self.decode is not None and self.batch >= FD_MIN_IMAGES:
-            if self.real is None:
-                from pjd.models.data import heldout_crops
-
-                self.real = torch.from_numpy(heldout_crops(512, seed=self.seed)[0])
-            row["frechet_distance"] = frechet_distance(self.decode(r.tokens), self.real)
+        if self.decode is not None:
+            images = self.decode(r.tokens)
+            row["class_accuracy"] = class_accuracy(images, self.labels)
+            if self.batch >= FID_MIN_IMAGES:
+                row["fid"] = fid(classifier_features(images))
         return row
 
 
@@ -216,11 +220,19 @@ def main(argv=None) -> dict:
     p.add_argument("--quick", action="store_true",
                    help="speed section only, batch 1, methods ar,pjd, hf batched: --sections speed --batch 1 "
                         "--speed-methods ar,pjd --hf-cfg batched")
+    p.add_argument("--table1", action="store_true", help="run the Table-1 reproduction instead of --sections")
+    p.add_argument("--table1-samples", type=int, default=2000, help="images per row (multiple of 10)")
+    p.add_argument("--table1-batch", type=int, default=100, help="images decoded together")
+    p.add_argument("--table1-methods", default="", help="comma list: only these rows' methods (default all)")
+    p.add_argument("--table1-minutes", type=float, default=None,
+                   help="stop after the chunk round that passes this budget (rows keep equal sample counts)")
     args = p.parse_args(argv)
     if args.quick:
         args.sections, args.batch, args.speed_methods, args.hf_cfg = "speed", 1, "ar,pjd", "batched"
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.table1:
+        return table1_main(args)
     sections = [s for s in args.sections.split(",") if s]
     unknown = set(sections) - set(SECTIONS)
     if unknown:
@@ -240,7 +252,7 @@ def main(argv=None) -> dict:
             f"(the paper's batch-1 figure); `nll_sem` = standard error of the mean NLL over the images. Wall seconds are CPU times: per-step compute on a CPU grows with the "
             f"inputs per step, so they say nothing about GPU latency.\n")
     cols = ["method", "steps", "step_compression", "per_image_compression", "seconds", "overhead_share",
-            "nll_per_token", "nll_sem", "frechet_distance"]
+            "nll_per_token", "nll_sem", "class_accuracy", "fid"]
 
     def section(name, rows, keys, title):
         nonlocal text
@@ -294,6 +306,35 @@ def main(argv=None) -> dict:
             shutil.copy(png, DOCS_DIR / png.name)
         update_docs("e2e " + ",".join(sections), text)
     return report
+
+
+def table1_main(args) -> dict:
+    from _table1 import markdown, plot_table1, run_table1
+
+    from pjd.models import default
+
+    out = Path(args.out) / "e2e"
+    out.mkdir(parents=True, exist_ok=True)
+    device = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    methods = [m for m in args.table1_methods.split(",") if m]
+    rows = run_table1(default(), samples=args.table1_samples, batch=args.table1_batch, cfg_scale=args.cfg_scale,
+                      seed=args.seed, out=out, device=device, methods=methods, minutes=args.table1_minutes)
+    n = rows[0]["samples"]
+    budget = f" --table1-minutes {args.table1_minutes}" if args.table1_minutes is not None else ""
+    text = (f"Command: `python benchmarks/e2e.py --table1 --table1-samples {args.table1_samples} --table1-batch "
+            f"{args.table1_batch} --cfg-scale {args.cfg_scale}{budget}`; device: {device}; default model (Fashion-MNIST, "
+            f"16x16 tokens), **{n} images per row** ({n // 10} per class, the same classes and seeds in every row"
+            f"{'; stopped by the time budget before ' + str(args.table1_samples) if n < args.table1_samples else ''}), "
+            f"batches of {args.table1_batch}, rows interleaved chunk by chunk, CFG {args.cfg_scale}, seed {args.seed}. "
+            "Wall seconds and speed-up are CPU figures (generation only, not scoring).\n\n" + markdown(rows, device))
+    print("\n" + text)
+    plots = plot_table1(rows, out)
+    if args.docs:
+        DOCS_DIR.mkdir(parents=True, exist_ok=True)
+        for png in plots:
+            shutil.copy(png, DOCS_DIR / png.name)
+        update_docs("e2e table1", text)
+    return dict(device=device, rows=rows)
 
 
 if __name__ == "__main__":

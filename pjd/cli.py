@@ -87,7 +87,8 @@ def main(argv=None) -> int:
 
     demo = sub.add_parser("demo", help="decode the embedded default model with several methods")
     demo.add_argument("--methods", type=_methods, default=["ar", "sjd", "pjd"])
-    demo.add_argument("--batch", type=_int_at_least(1), default=8)
+    demo.add_argument("--batch", type=_int_at_least(1), default=10,
+                      help="images per method (classes in turn: 10 shows each once)")
     demo.add_argument("--seed", type=_int_at_least(0, 2**64), default=0)
     demo.add_argument("--cfg-scale", type=_finite, default=3.0)
     demo.add_argument("--top-k", type=_int_at_least(0), default=0)

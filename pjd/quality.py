@@ -1,9 +1,22 @@
-"""Quality measures for generated images: model NLL per token and a Fréchet distance on simple features.
+"""Quality measures for generated Fashion-MNIST images, needing no dataset at run time.
+
+- ``classifier_features``: the 128 penultimate activations of the shipped classifier
+  (pjd/fashion/classifier.py, trained by ``python -m pjd.fashion.train_classifier``);
+- ``fid``: Fréchet distance of a feature set to reference statistics, by default those of the
+  10,000 Fashion-MNIST test images (mean and covariance shipped in pjd/fashion/assets/);
+- ``class_accuracy``: how often the classifier assigns a generated image to the class it was
+  generated for (the class-consistency analogue of the paper's CLIP score);
+- ``bootstrap_ci``: percentile bootstrap intervals for both;
+- ``nll_per_token``: the generator's own negative log-likelihood of its samples.
 
 What each number can and cannot tell is written up in docs/default_model.md.
 """
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
+import numpy as np
 import torch
 
 
@@ -56,61 +69,108 @@ def unigram_nll_per_token(tokens: torch.Tensor, counts: torch.Tensor) -> torch.T
     return -logp[tokens.reshape(tokens.shape[0], -1).long()].mean(1).float()
 
 
-# --- Fréchet distance on hand-made image features -------------------------------------------
-_HIST_BINS = 4      # per channel: joint RGB histogram of 4*4*4 = 64 cells
-_BLOCKS = 4         # 4×4 grid of block means per channel
-_GRAD_BINS = 8      # histogram of luminance gradient magnitude
-_GRAD_EDGES = torch.tensor([2.0, 4, 8, 16, 32, 64, 128])  # on 0..255 luminance
+# --- classifier features, FID, class accuracy ----------------------------------------------
+@functools.lru_cache(maxsize=4)
+def load_classifier(assets: str | Path | None = None):
+    """The shipped FashionClassifier (eval mode, CPU, fp32); cached per assets folder."""
+    from safetensors.torch import load_file
+
+    from pjd.fashion.assets import ASSETS, CLASSIFIER_FILE
+    from pjd.fashion.classifier import FashionClassifier
+
+    net = FashionClassifier()
+    net.load_state_dict(load_file(Path(assets or ASSETS) / CLASSIFIER_FILE))
+    return net.eval()
 
 
-def image_features(images: torch.Tensor) -> torch.Tensor:
-    """123 float64 features per uint8 image ``[N, H, W, 3]`` (H, W divisible by 4).
+@torch.no_grad()
+def _run(images, what: str, batch_size: int, classifier) -> torch.Tensor:
+    from pjd.fashion.classifier import FashionClassifier
 
-    - 64: joint RGB colour histogram, 4 bins per channel, as fractions of pixels;
-    - 48: mean of each channel over a 4×4 grid of blocks, scaled to [0, 1] (coarse layout);
-    - 11: luminance (0.299 R + 0.587 G + 0.114 B) statistics: std / 255, mean |horizontal
-      difference| / 255, mean |vertical difference| / 255, and the fraction of pixels whose
-      gradient magnitude sqrt(dx^2 + dy^2) falls in each of 8 bins with edges 2, 4, ..., 128.
+    x = FashionClassifier.to_input(images)  # validates before the classifier is loaded
+    net = classifier or load_classifier()
+    fn = net.features if what == "features" else net
+    out = [fn(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)]
+    return torch.cat(out) if out else torch.zeros(0, 10)
+
+
+def classifier_features(images: torch.Tensor, *, batch_size: int = 1000, classifier=None) -> torch.Tensor:
+    """float64 ``[N, 128]``: the classifier's penultimate (post-ReLU) features of uint8 images ``[N, 28, 28]``.
+
+    ``classifier``: a FashionClassifier to use instead of the shipped one (tests).
     """
-    images = torch.as_tensor(images)
-    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"images: expected uint8 [N, H, W, 3], got {images.dtype} {tuple(images.shape)}")
-    n, h, w, _ = images.shape
-    if h % _BLOCKS or w % _BLOCKS:
-        raise ValueError(f"images: height and width must be divisible by {_BLOCKS}, got {h}x{w}")
-    x = images.double()
-    q = (images.long() * _HIST_BINS) // 256
-    cell = (q[..., 0] * _HIST_BINS + q[..., 1]) * _HIST_BINS + q[..., 2]
-    hist = torch.zeros(n, _HIST_BINS ** 3, dtype=torch.float64)
-    hist.scatter_add_(1, cell.reshape(n, -1), torch.ones(n, h * w, dtype=torch.float64))
-    hist /= h * w
-    blocks = x.reshape(n, _BLOCKS, h // _BLOCKS, _BLOCKS, w // _BLOCKS, 3).mean((2, 4)).reshape(n, -1) / 255
-    lum = x @ torch.tensor([0.299, 0.587, 0.114], dtype=torch.float64)
-    dx = lum[:, :, 1:] - lum[:, :, :-1]
-    dy = lum[:, 1:, :] - lum[:, :-1, :]
-    mag = torch.sqrt(dx[:, :-1, :] ** 2 + dy[:, :, :-1] ** 2).reshape(n, -1)
-    bins = torch.bucketize(mag, _GRAD_EDGES.double())
-    grad_hist = torch.zeros(n, _GRAD_BINS, dtype=torch.float64).scatter_add_(
-        1, bins, torch.ones_like(mag)) / mag.shape[1]
-    stats = torch.stack([lum.reshape(n, -1).std(1), dx.abs().mean((1, 2)), dy.abs().mean((1, 2))], 1) / 255
-    return torch.cat([hist, blocks, stats, grad_hist], 1)
+    return _run(images, "features", batch_size, classifier).double()
 
 
-def frechet_distance(images_a: torch.Tensor, images_b: torch.Tensor) -> float:
-    """Fréchet distance between Gaussians fitted to ``image_features`` of two uint8 image sets.
+def classify(images: torch.Tensor, *, batch_size: int = 1000, classifier=None) -> torch.Tensor:
+    """int64 ``[N]``: the classifier's predicted class of each uint8 image ``[N, 28, 28]``."""
+    return _run(images, "logits", batch_size, classifier).argmax(1)
 
-    ``|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2)``, float64, each set ``[N, H, W, 3]``
-    with N >= 2. Same formula as FID, on 123 simple features instead of Inception activations.
-    """
-    fa, fb = image_features(images_a), image_features(images_b)
-    if fa.shape[0] < 2 or fb.shape[0] < 2:
-        raise ValueError("images_a, images_b: need at least 2 images each")
-    mu_a, mu_b = fa.mean(0), fb.mean(0)
-    cov_a, cov_b = torch.cov(fa.T), torch.cov(fb.T)
-    root_a = _psd_sqrt(cov_a)
+
+def class_correct(images: torch.Tensor, labels, *, classifier=None) -> torch.Tensor:
+    """bool ``[N]``: whether the classifier puts image i in class ``labels[i]`` (int ``[N]`` in [0, 10))."""
+    labels = torch.as_tensor(labels)
+    if labels.ndim != 1 or labels.dtype.is_floating_point or labels.shape[0] != torch.as_tensor(images).shape[0]:
+        raise ValueError(f"labels: expected integer [N] matching images, got {labels.dtype} {tuple(labels.shape)}")
+    return classify(images, classifier=classifier) == labels.long()
+
+
+def class_accuracy(images: torch.Tensor, labels, *, classifier=None) -> float:
+    """Fraction of uint8 images ``[N, 28, 28]`` the classifier assigns to their requested class ``labels`` ``[N]``."""
+    return float(class_correct(images, labels, classifier=classifier).double().mean())
+
+
+def feature_stats(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean float64 ``[D]``, covariance float64 ``[D, D]``, unbiased) of features ``[N, D]``, N >= 2."""
+    features = torch.as_tensor(features).double()
+    if features.ndim != 2 or features.shape[0] < 2:
+        raise ValueError(f"features: expected [N >= 2, D], got {tuple(features.shape)}")
+    return features.mean(0), torch.cov(features.T)
+
+
+@functools.lru_cache(maxsize=4)
+def reference_stats(assets: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, covariance) of the classifier features of the 10,000 Fashion-MNIST test images (shipped)."""
+    from pjd.fashion.assets import ASSETS, REF_STATS_FILE
+
+    data = np.load(Path(assets or ASSETS) / REF_STATS_FILE)
+    return torch.from_numpy(data["mu"]).double(), torch.from_numpy(data["sigma"]).double()
+
+
+def frechet_distance(mu_a, sigma_a, mu_b, sigma_b) -> float:
+    """``|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2)`` for two Gaussians (float64)."""
+    mu_a, mu_b, sigma_a, sigma_b = (torch.as_tensor(t).double() for t in (mu_a, mu_b, sigma_a, sigma_b))
+    root_a = _psd_sqrt(sigma_a)
     # tr((S_a S_b)^1/2) = tr((S_a^1/2 S_b S_a^1/2)^1/2): the inner matrix is symmetric PSD.
-    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
-    return float(((mu_a - mu_b) ** 2).sum() + cov_a.trace() + cov_b.trace() - 2 * cross)
+    cross = torch.linalg.eigvalsh(root_a @ sigma_b @ root_a).clamp(min=0).sqrt().sum()
+    return float(((mu_a - mu_b) ** 2).sum() + sigma_a.trace() + sigma_b.trace() - 2 * cross)
+
+
+def fid(features: torch.Tensor, ref_stats: tuple | None = None) -> float:
+    """FID of features ``[N, D]`` (``classifier_features`` of generated images) against ``ref_stats``
+    (``(mean, covariance)``; default: the shipped test-split statistics). Biased upward at small N
+    (compare rows only at equal N)."""
+    mu, sigma = feature_stats(features)
+    ref_mu, ref_sigma = ref_stats if ref_stats is not None else reference_stats()
+    if ref_mu.shape[0] != mu.shape[0]:
+        raise ValueError(f"ref_stats: feature dimension {ref_mu.shape[0]} does not match features' {mu.shape[0]}")
+    return frechet_distance(mu, sigma, ref_mu, ref_sigma)
+
+
+def bootstrap_ci(values: torch.Tensor, statistic, *, n_boot: int = 200, level: float = 0.95,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``statistic(values[idx])`` over ``n_boot`` resamples of the rows.
+
+    E.g. ``bootstrap_ci(feats, fid)`` or ``bootstrap_ci(correct.double(), lambda v: float(v.mean()))``.
+    """
+    if not 0 < level < 1 or n_boot < 2:
+        raise ValueError(f"level must be in (0, 1) and n_boot >= 2, got {level}, {n_boot}")
+    values = torch.as_tensor(values)
+    gen = torch.Generator().manual_seed(seed)
+    stats = torch.tensor([statistic(values[torch.randint(0, values.shape[0], (values.shape[0],), generator=gen)])
+                          for _ in range(n_boot)], dtype=torch.float64)
+    lo, hi = torch.quantile(stats, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
+    return float(lo), float(hi)
 
 
 def _psd_sqrt(m: torch.Tensor) -> torch.Tensor:

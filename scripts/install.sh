@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv (once) and install pjd with the pinned CPU torch of constraints.txt, the C++ op and
-# the test/data extras. Re-runs the editable install when setup.py, pyproject.toml or csrc/ change.
+# the test extra. Re-runs the editable install when setup.py, pyproject.toml or csrc/ change.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -11,5 +11,5 @@ if [ -f "$stamp" ] && [ -z "$(find setup.py pyproject.toml constraints.txt csrc 
 fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q -c constraints.txt torch==2.13.0 setuptools wheel ninja numpy
-"$VENV/bin/python" -m pip install -q -c constraints.txt --no-build-isolation -e ".[test,data]"
+"$VENV/bin/python" -m pip install -q -c constraints.txt --no-build-isolation -e ".[test]"
 touch "$stamp"

@@ -1,0 +1,164 @@
+"""The paper's Table 1 on the embedded Fashion-MNIST model: speed and quality of every method.
+
+Rows: ar, sjd, sjd++, zipar (c = width/4) and pjd over several contexts c (the default c = width/4
+included). Every row decodes the same classes (``samples`` images, equal count per class, class
+i % 10) in the same chunks with the same seeds, the rows interleaved chunk by chunk. Columns: steps per image, step compression
+(``H*W / steps per image``, the paper's batch-1 figure), wall-clock seconds and speed-up over ar
+(CPU here: labelled with the device), FID against the test split and class accuracy (the shipped
+classifier, pjd.quality) each with a 95% percentile-bootstrap interval, and the model's own NLL per
+token (mean ± standard error). The JSON is rewritten after every chunk round, so a run cut short
+(or stopped by its time budget) keeps every row at the same sample count.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import pjd
+
+
+def table1_rows(width: int, contexts=None) -> list[tuple[str, dict]]:
+    """(method, extra generate() kwargs) of each row, in run order: pjd at the default c = width/4
+    comes right after the baselines, so a run cut short still has the main comparison."""
+    default_c = max(1, width // 4)
+    contexts = contexts or [default_c] + sorted({2, width // 2, width} - {default_c})
+    return ([("ar", {}), ("sjd", {}), ("sjd++", {}), ("zipar", {"context": default_c})]
+            + [("pjd", {"context": c}) for c in contexts])
+
+
+class Row:
+    """One table row's accumulated samples: tokens, per-image steps, NLL, generation seconds."""
+
+    def __init__(self, method: str, kw: dict):
+        self.method, self.kw = method, kw
+        self.tokens, self.steps, self.nll, self.seconds = [], [], [], 0.0
+
+    def decode_chunk(self, dm, labels: torch.Tensor, *, cfg_scale: float, seed: int) -> None:
+        from pjd.quality import nll_per_token
+
+        prompt = dm.prompt(labels)
+        with torch.no_grad():
+            r = pjd.generate(dm.model, prompt, height=dm.height, width=dm.width, method=self.method,
+                             image_token_range=dm.image_token_range, cfg_scale=cfg_scale,
+                             uncond_input_ids=dm.null_prompt(len(labels)) if cfg_scale != 1 else None,
+                             seed=seed, progress=False, **self.kw)
+        self.seconds += r.wall_seconds
+        self.tokens.append(r.tokens.cpu())
+        self.steps.append(r.steps_per_image.double().cpu())
+        self.nll.append(nll_per_token(dm.model, r.tokens, prompt, image_token_range=dm.image_token_range).double())
+
+    def summary(self, dm, labels: torch.Tensor, *, seed: int, n_boot: int = 200) -> dict:
+        from pjd.quality import bootstrap_ci, class_correct, classifier_features, fid
+
+        tokens, steps, nll = torch.cat(self.tokens), torch.cat(self.steps), torch.cat(self.nll)
+        images = dm.decode(tokens)
+        feats = classifier_features(images)
+        correct = class_correct(images, labels[:len(tokens)]).double()
+        per_image = float(steps.mean())
+        return dict(method=self.method, **self.kw, samples=len(tokens), steps_per_image=per_image,
+                    step_compression=dm.height * dm.width / per_image, seconds=self.seconds,
+                    fid=fid(feats), fid_ci=bootstrap_ci(feats, fid, n_boot=n_boot, seed=seed),
+                    class_accuracy=float(correct.mean()),
+                    class_accuracy_ci=bootstrap_ci(correct, lambda v: float(v.mean()), n_boot=n_boot, seed=seed),
+                    nll_per_token=float(nll.mean()), nll_sem=float(nll.std() / len(nll) ** 0.5))
+
+
+def run_table1(dm, *, samples: int, batch: int, cfg_scale: float, seed: int, out: Path, device: str,
+               contexts=None, methods=None, minutes: float | None = None) -> list[dict]:
+    """Decode chunk by chunk, every row in turn within a chunk (chunk i: classes i*batch.. % 10,
+    seed ``seed + i``), so all rows always hold the same images' worth of samples and share the
+    machine's load alike. ``minutes``: stop after the chunk round that passes this budget (the
+    sample count actually reached is in every row). The JSON and tokens are rewritten per round."""
+    if samples % 10 or samples < 10 or batch % 10 or batch < 10:
+        raise ValueError(f"samples and batch must be positive multiples of 10 (equal count per class), "
+                         f"got samples={samples}, batch={batch}")
+    labels = torch.arange(samples) % len(dm.class_names)
+    rows = [Row(m, kw) for m, kw in table1_rows(dm.width, contexts) if not methods or m in methods]
+    start, summaries = time.time(), []
+    for i, first in enumerate(range(0, samples, batch)):
+        for row in rows:
+            row.decode_chunk(dm, labels[first:first + batch], cfg_scale=cfg_scale, seed=seed + i)
+        summaries = [row.summary(dm, labels, seed=seed) for row in rows]
+        ar = next((r["seconds"] for r in summaries if r["method"] == "ar"), None)
+        for r in summaries:
+            r["speedup"] = ar / r["seconds"] if ar else None
+        (out / "table1.json").write_text(json.dumps(dict(device=device, samples=summaries[0]["samples"], batch=batch,
+                                                         cfg_scale=cfg_scale, seed=seed, rows=summaries), indent=2))
+        torch.save({f"{r.method}{r.kw.get('context', '')}": torch.cat(r.tokens).short() for r in rows},
+                   out / "table1_tokens.pt")
+        print(f"round {i}: {summaries[0]['samples']} images per row, {time.time() - start:.0f}s", flush=True)
+        for r in summaries:
+            print(f"  {r['method']:6s} {r.get('context', ''):>3}  {format_row(r)}", flush=True)
+        if minutes is not None and time.time() - start > minutes * 60:
+            break
+    return summaries
+
+
+def format_row(r: dict) -> str:
+    return (f"steps/img {r['steps_per_image']:.1f}  compression {r['step_compression']:.2f}  "
+            f"FID {r['fid']:.2f} [{r['fid_ci'][0]:.2f}, {r['fid_ci'][1]:.2f}]  "
+            f"acc {r['class_accuracy']:.3f} [{r['class_accuracy_ci'][0]:.3f}, {r['class_accuracy_ci'][1]:.3f}]  "
+            f"NLL {r['nll_per_token']:.3f}±{r['nll_sem']:.3f}  {r['seconds']:.0f}s")
+
+
+def markdown(rows: list[dict], device: str) -> str:
+    head = ("| method | c | samples | steps / image | step compression | wall s | speed-up (" + device + ") | "
+            "FID [95% CI] | class accuracy [95% CI] | NLL / token (± s.e.) |\n|" + "---|" * 10 + "\n")
+    lines = []
+    for r in rows:
+        speed = f"{r['speedup']:.2f}x" if r.get("speedup") else "-"
+        lines.append(f"| {r['method']} | {r.get('context', '-')} | {r['samples']} | {r['steps_per_image']:.1f} | "
+                     f"{r['step_compression']:.2f}x | {r['seconds']:.0f} | {speed} | {r['fid']:.2f} "
+                     f"[{r['fid_ci'][0]:.2f}, {r['fid_ci'][1]:.2f}] | {r['class_accuracy']:.3f} "
+                     f"[{r['class_accuracy_ci'][0]:.3f}, {r['class_accuracy_ci'][1]:.3f}] | "
+                     f"{r['nll_per_token']:.3f} ± {r['nll_sem']:.3f} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def plot_table1(rows: list[dict], out: Path) -> list[Path]:
+    """Step compression vs c (pjd, zipar) and FID vs step compression (every row), as PNG (matplotlib:
+    the optional ``bench`` extra; without it, no plots and a message)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed (pip install -e .[bench]): no Table-1 plots")
+        return []
+    paths = []
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for m in ("pjd", "zipar"):
+        pts = sorted((r["context"], r["step_compression"]) for r in rows if r["method"] == m)
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=m)
+    for m in ("sjd", "sjd++"):
+        r = next((r for r in rows if r["method"] == m), None)
+        if r:
+            ax.axhline(r["step_compression"], ls="--", lw=1, color="gray")
+            ax.annotate(m, (ax.get_xlim()[0], r["step_compression"]), fontsize=8, va="bottom")
+    ax.set(xlabel="context c (committed tokens before the next row starts)", ylabel="step compression (x)",
+           title="Step compression vs context c")
+    ax.legend()
+    fig.tight_layout()
+    paths.append(out / "table1_compression_vs_context.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for r in rows:
+        label = r["method"] + (f" c={r['context']}" if "context" in r else "")
+        # The bootstrap interval need not contain the point estimate (FID of a resample with
+        # duplicates is biased up), so it is drawn as its own segment, not as +- error bars.
+        ax.vlines(r["step_compression"], *r["fid_ci"], color="gray", lw=2)
+        ax.plot(r["step_compression"], r["fid"], "o")
+        ax.annotate(label, (r["step_compression"], r["fid"]), fontsize=7, xytext=(4, 2), textcoords="offset points")
+    ax.set(xlabel="step compression (x)", ylabel="FID (classifier features; 95% CI)", title="FID vs step compression")
+    fig.tight_layout()
+    paths.append(out / "table1_fid_vs_compression.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
