@@ -1,6 +1,10 @@
 """End-to-end decoding benchmark: steps, step compression, wall time, orchestration overhead, quality.
 
 Sections (each prints a table; everything is saved as JSON, plus PNG plots):
+  speed     wall time per image of every method beside transformers' own model.generate ("hf", same
+            CFG, top-k / temperature, image tokens, sampling), runs interleaved (ar, hf, ..., pjd,
+            repeated) so load hits all alike: median and min, speed-up vs hf and vs ar, step
+            compression, and torch ops dispatched per decoding step outside the model forward
   methods   ar / sjd / sjd++ / zipar / pjd at their defaults
   context   pjd and zipar over the row-activation context c (step compression and quality vs c)
   window    pjd over the draft window
@@ -15,14 +19,17 @@ classifier's accuracy on the requested classes and, for batches of >= 100 images
 over --table1-samples images (equal per class), FID and class accuracy with bootstrap intervals.
 
 Usage: python benchmarks/e2e.py [--model default|tiny] [--batch 16] [--sections methods,context]
+       [--speed-methods ar,sjd,pjd] [--repeats 3] [--hf-cfg both|batched|guidance]
        [--out bench_out/e2e] [--docs]      (--docs also refreshes docs/e2e/ and docs/performance.md)
+       python benchmarks/e2e.py --quick    (the speed section at batch 1: ar, hf, pjd, 3 repeats; about a
+                                        minute of CPU time)
        python benchmarks/e2e.py --table1 [--table1-samples 2000] [--table1-batch 100] [--docs]
+Run with OMP_NUM_THREADS=1 (or --threads) for the one-thread figures.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import sys
 from pathlib import Path
@@ -30,12 +37,12 @@ from pathlib import Path
 import torch
 
 import pjd
-from pjd.demo import FID_MIN_IMAGES
+from pjd.demo import FID_MIN_IMAGES, device_name
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import line_chart, update_docs  # noqa: E402
 
-SECTIONS = ("methods", "context", "window", "topk", "cfg", "ablation")
+SECTIONS = ("speed", "methods", "context", "window", "topk", "cfg", "ablation")
 DOCS_DIR = Path(__file__).resolve().parent.parent / "docs" / "e2e"
 
 
@@ -62,6 +69,20 @@ class Bench:
         self.labels = torch.arange(batch) % 10
         self.batch, self.seed, self.cfg_scale = batch, seed, cfg_scale
 
+    def generate(self, method: str, **kw):
+        with torch.no_grad():
+            return pjd.generate(self.model, self.prompt, height=self.height, width=self.width, method=method,
+                                image_token_range=self.image_range, cfg_scale=self.cfg_scale,
+                                uncond_input_ids=self.null if self.cfg_scale != 1 else None, seed=self.seed, **kw)
+
+    def hf(self, cfg_mode: str):
+        from pjd.baseline import hf_generate
+
+        return hf_generate(self.model, self.prompt, height=self.height, width=self.width,
+                           image_token_range=self.image_range, cfg_scale=self.cfg_scale,
+                           uncond_input_ids=self.null if self.cfg_scale != 1 else None, seed=self.seed,
+                           cfg_mode=cfg_mode)
+
     def run(self, method: str, **kw) -> dict:
         from pjd.quality import class_accuracy, classifier_features, fid, nll_per_token
 
@@ -85,6 +106,76 @@ class Bench:
             if self.batch >= FID_MIN_IMAGES:
                 row["fid"] = fid(classifier_features(images))
         return row
+
+
+class _CountTorchCalls(torch.overrides.TorchFunctionMode):
+    """Counts torch functions, tensor methods and indexing called from Python (attribute reads such as
+    ``.shape`` excluded): each is at least one op dispatch."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += getattr(func, "__name__", "") != "__get__"
+        return func(*args, **(kwargs or {}))
+
+
+def ops_outside_forward(model, fn) -> int:
+    """Torch ops dispatched from Python by ``fn()`` outside ``model``'s forward passes: a
+    device-independent measure of orchestration overhead. Counted with a TorchFunctionMode rather
+    than the torch profiler, whose event tree of a whole decode takes gigabytes (on the tiny test
+    model the profiler's top-level aten ops agree within 10%: ar 38 vs 35, pjd 435 vs 447 per step)."""
+    forward = model.forward
+
+    def uncounted(*args, **kwargs):
+        with torch._C.DisableTorchFunction():
+            return forward(*args, **kwargs)
+
+    model.forward = uncounted  # instance attribute: nn.Module.__call__ looks it up first
+    try:
+        with _CountTorchCalls() as counter:
+            fn()
+    finally:
+        del model.forward
+    return counter.count
+
+
+def speed_section(bench: "Bench", methods: list[str], repeats: int, hf_modes: list[str]) -> list[dict]:
+    """Interleaved wall-time runs of every method and of hf, plus op counts (see the module docstring)."""
+    import statistics
+
+    cells = {f"hf-{m}": (lambda m=m: bench.hf(m)[1]) for m in hf_modes}
+    cells.update({m: (lambda m=m: bench.generate(m).wall_seconds) for m in methods})
+    order = [m for m in methods if m == "ar"] + list(cells)[:len(hf_modes)] + [m for m in methods if m != "ar"]
+    for name in order:  # warm-up (first-call allocations, lazy imports), not timed
+        cells[name]()
+    times = {name: [] for name in order}
+    for _ in range(repeats):
+        for name in order:
+            times[name].append(cells[name]() / bench.batch)
+    rows = []
+    for name in order:
+        if name.startswith("hf-"):
+            mode = name[3:]
+            tokens, _, forwards = bench.hf(mode)
+            steps, ops = bench.height * bench.width, ops_outside_forward(bench.model, lambda: bench.hf(mode))
+            steps_per_image = steps
+        else:
+            r = bench.generate(name)
+            steps, steps_per_image = r.steps, float(r.steps_per_image.double().mean())
+            ops = ops_outside_forward(bench.model, lambda: bench.generate(name))
+        ar_steps = bench.height * bench.width  # image tokens; EOL-free grids only here (default / tiny)
+        rows.append(dict(method=name, steps=steps, step_compression=ar_steps / steps,
+                         per_image_compression=ar_steps / steps_per_image,
+                         median_s_per_image=statistics.median(times[name]), min_s_per_image=min(times[name]),
+                         ops_per_step=ops / steps))
+    hf = min((r for r in rows if r["method"].startswith("hf-")), key=lambda r: r["median_s_per_image"], default=None)
+    ar = next((r for r in rows if r["method"] == "ar"), None)
+    for r in rows:
+        r["speedup_vs_hf"] = hf["median_s_per_image"] / r["median_s_per_image"] if hf else None
+        r["speedup_vs_ar"] = ar["median_s_per_image"] / r["median_s_per_image"] if ar else None
+    return rows
 
 
 def plot_acceptance(rows: list[dict], path: Path) -> None:
@@ -121,6 +212,14 @@ def main(argv=None) -> dict:
     p.add_argument("--sections", default=",".join(SECTIONS))
     p.add_argument("--out", default="bench_out")
     p.add_argument("--docs", action="store_true", help="copy plots to docs/e2e and refresh docs/performance.md")
+    p.add_argument("--speed-methods", default="ar,sjd,sjd++,zipar,pjd", help="pjd methods of the speed section")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved timed repeats of the speed section")
+    p.add_argument("--hf-cfg", choices=["both", "batched", "guidance"], default="both",
+                   help="hf's CFG: one doubled batch, generate's own guidance_scale, or both (the faster is hf)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: as OMP_NUM_THREADS)")
+    p.add_argument("--quick", action="store_true",
+                   help="speed section only, batch 1, methods ar,pjd, hf batched: --sections speed --batch 1 "
+                        "--speed-methods ar,pjd --hf-cfg batched")
     p.add_argument("--table1", action="store_true", help="run the Table-1 reproduction instead of --sections")
     p.add_argument("--table1-samples", type=int, default=2000, help="images per row (multiple of 10)")
     p.add_argument("--table1-batch", type=int, default=100, help="images decoded together")
@@ -128,6 +227,10 @@ def main(argv=None) -> dict:
     p.add_argument("--table1-minutes", type=float, default=None,
                    help="stop after the chunk round that passes this budget (rows keep equal sample counts)")
     args = p.parse_args(argv)
+    if args.quick:
+        args.sections, args.batch, args.speed_methods, args.hf_cfg = "speed", 1, "ar,pjd", "batched"
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.table1:
         return table1_main(args)
     sections = [s for s in args.sections.split(",") if s]
@@ -136,7 +239,7 @@ def main(argv=None) -> dict:
         p.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
     out = Path(args.out) / "e2e"  # e2e_<sections>.json, so runs of different sections do not overwrite
     out.mkdir(parents=True, exist_ok=True)
-    device = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    device = device_name(torch.device("cpu"))
     bench = Bench(args.model, args.batch, args.seed, args.cfg_scale)
     w = bench.width
     contexts = sorted({1, 2, max(1, w // 8), max(1, w // 4), max(1, w // 2), w})
@@ -158,6 +261,18 @@ def main(argv=None) -> dict:
         print(t, flush=True)
         text += t
 
+    if "speed" in sections:
+        hf_modes = ["batched", "guidance"] if args.hf_cfg == "both" else [args.hf_cfg]
+        if args.cfg_scale == 1:
+            hf_modes = hf_modes[:1]  # no CFG: both modes are the same plain sampling
+        rows = speed_section(bench, [m for m in args.speed_methods.split(",") if m], args.repeats, hf_modes)
+        text += (f"\nSpeed: {args.repeats} interleaved repeats after a warm-up, seconds per image (wall time of "
+                 f"the call / batch); hf = transformers' `model.generate` (sdpa attention), the faster CFG mode by "
+                 f"median; `ops_per_step` = torch ops called from Python per decoding step outside the model "
+                 f"forward (a TorchFunctionMode count; hf: per generated token).\n")
+        section("speed", rows, ["method", "steps", "step_compression", "per_image_compression",
+                                "median_s_per_image", "min_s_per_image", "speedup_vs_hf", "speedup_vs_ar",
+                                "ops_per_step"], f"Wall time per image beside hf (batch {args.batch})")
     if "methods" in sections:
         rows = [bench.run(m) for m in ("ar", "sjd", "sjd++", "zipar", "pjd")]
         for r in rows:

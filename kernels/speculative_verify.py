@@ -189,13 +189,14 @@ def _residual_stats(Prow, Qrow, n, BLOCK: tl.constexpr):
 
 @triton.jit
 def _target_probs_kernel(
-    Logits, LaneStart, LaneDrafts, P, Total, Last,
+    Logits, LaneStart, LaneDrafts, P, Total, Last, RowBad,
     stride_lb, stride_ln,
     num_images, num_lanes, num_inputs, num_slots, lo, vocab,
     cfg_scale, temperature, top_k, top_p,
     CFG: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_S: tl.constexpr, NPROBE: tl.constexpr,
 ):
-    """Program (lane, k): p of the lane's fed input k into P[lane, k] (fp32 [Vi]); Total / Last.
+    """Program (lane, k): p of the lane's fed input k into P[lane, k] (fp32 [Vi]); Total / Last;
+    RowBad[lane, k] = 1 when x has a NaN or +inf or no entry above -inf (then P is garbage, unused).
 
     Grid (B * L, W + 1); lane = b * L + l. Inactive lanes (start < 0) and k > m do nothing.
     CFG: Logits rows [0, B) cond, [B, 2B) uncond. top_k = 0 / top_p >= 1: filter off.
@@ -214,6 +215,7 @@ def _target_probs_kernel(
         # Pass 1 (the only read of the logits): x = CFG combine / temperature into the scratch row.
         x_max = tl.full([], float("-inf"), tl.float32)
         key_min = tl.full([], INT32_MAX, tl.int32)
+        n_bad = tl.full([], 0, tl.int32)  # NaN or +inf entries
         for s in range(0, vocab, BLOCK_V):
             offs = s + tl.arange(0, BLOCK_V)
             valid = offs < vocab
@@ -225,6 +227,9 @@ def _target_probs_kernel(
             tl.store(out + offs, x, mask=valid)
             x_max = tl.maximum(x_max, tl.max(tl.where(valid, x, float("-inf")), axis=0))
             key_min = tl.minimum(key_min, tl.min(tl.where(valid, _order_key(x), INT32_MAX), axis=0))
+            n_bad += tl.sum(tl.where(valid & ((x != x) | (x == float("inf"))), 1, 0), axis=0)
+        undefined = (n_bad > 0) | (x_max == float("-inf"))
+        tl.store(RowBad + lane * num_slots + k, undefined.to(tl.int32))
         # Later passes read the row with other threads than the ones that wrote it.
         tl.debug_barrier()
 
@@ -267,25 +272,32 @@ def _target_probs_kernel(
 
 @triton.jit
 def _accept_kernel(
-    P, Total, Last, DraftTokens, DraftQ, UAccept, USample,
+    P, Total, Last, RowBad, DraftTokens, DraftQ, UAccept, USample,
     LaneStart, LaneDrafts, LaneRule, LaneSlot, LaneRoom,
-    NumAccepted, NumCommit, CommitTokens,
+    NumAccepted, NumCommit, CommitTokens, LaneInvalid,
     window, vocab, lo, eol, row_slots, width,
     BLOCK_W: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """Program lane: acceptance scan, residual / bonus draw (TOP lanes), commit tokens. Grid (B * L,)."""
+    """Program lane: acceptance scan, residual / bonus draw (TOP lanes), commit tokens. Grid (B * L,).
+
+    A fed lane with an undefined target (RowBad at a fed input) is flagged in LaneInvalid and
+    treated as inactive.
+    """
     lane = tl.program_id(0)
     num_slots = window + 1
     start = tl.load(LaneStart + lane)
-    active = start >= 0
-    m = tl.where(active, tl.load(LaneDrafts + lane), 0)
+    i = tl.arange(0, BLOCK_W)
+    m = tl.where(start >= 0, tl.load(LaneDrafts + lane), -1)
+    bad = tl.max(tl.load(RowBad + lane * num_slots + i, mask=(i <= m) & (i < num_slots), other=0), axis=0)
+    tl.store(LaneInvalid + lane, bad)
+    active = (start >= 0) & (bad == 0)
+    m = tl.where(active, m, 0)
     slot = tl.load(LaneSlot + lane)
     tokens = DraftTokens + lane * window
     q_lane = DraftQ + lane.to(tl.int64) * window * vocab
     p_lane = P + lane.to(tl.int64) * num_slots * vocab
 
     # Acceptance of drafts i < m: u * q(d) < p(d), forced EOL slots always pass.
-    i = tl.arange(0, BLOCK_W)
     fed = i < m
     d = tl.load(tokens + i, mask=i < window, other=0)
     idx = tl.minimum(tl.maximum(d - lo, 0), vocab - 1)
@@ -356,7 +368,7 @@ def _fresh_or_kept(p_lane, q_lane, tokens, Total, Last, USample, lane, k, m, a, 
 @triton.jit
 def _next_drafts_kernel(
     P, Total, Last, DraftTokens, DraftQ, USample, InitTokens,
-    LaneStart, LaneDrafts, LaneSlot, NumAccepted, NumCommit, CommitTokens,
+    LaneStart, LaneDrafts, LaneSlot, LaneInvalid, NumAccepted, NumCommit, CommitTokens,
     NextTokens, NextQ,
     window, vocab, lo, eol, row_slots, width, reuse_threshold, repeat_left,
     BLOCK_V: tl.constexpr,
@@ -377,7 +389,7 @@ def _next_drafts_kernel(
     src = q_lane + i.to(tl.int64) * vocab
     copy_len = vocab  # elements of src copied: vocab, or 0 (one-hot / zeros)
     hot = tl.full([], -1, tl.int32)
-    if start < 0:  # inactive lane: keep draft and q
+    if (start < 0) | (tl.load(LaneInvalid + lane) != 0):  # inactive or invalid lane: keep draft and q
         token = tl.load(tokens + i)
     else:
         m = tl.load(LaneDrafts + lane)
@@ -448,8 +460,8 @@ def speculative_verify_triton(
 
     Returns:
         (num_accepted int32 [B, L], num_commit int32 [B, L], commit_tokens int64 [B, L, W+1],
-        next_tokens int64 [B, L, W], next_q fp32 [B, L, W, Vi]). commit_tokens beyond num_commit is
-        unspecified (module docstring).
+        next_tokens int64 [B, L, W], next_q fp32 [B, L, W, Vi], invalid bool [B, L]). commit_tokens
+        beyond num_commit is unspecified (module docstring).
     """
     B, L, W = draft_tokens.shape
     lo, hi = image_token_range
@@ -478,37 +490,39 @@ def speculative_verify_triton(
     commit_tokens = torch.empty((B, L, W + 1), dtype=torch.int64, device=device)
     next_tokens = torch.empty_like(draft_tokens)
     next_q = torch.empty_like(draft_q)
+    invalid = torch.zeros((B, L), dtype=torch.int32, device=device)
     if B * L == 0:
-        return num_accepted, num_commit, commit_tokens, next_tokens, next_q
+        return num_accepted, num_commit, commit_tokens, next_tokens, next_q, invalid.bool()
     p = torch.empty((B, L, W + 1, vocab), dtype=torch.float32, device=device)
     total = torch.empty((B, L, W + 1), dtype=torch.float32, device=device)
     last = torch.empty((B, L, W + 1), dtype=torch.int32, device=device)
+    row_bad = torch.zeros((B, L, W + 1), dtype=torch.int32, device=device)  # rows no program computes stay 0
     top_k = int(top_k) if 0 < top_k < vocab else 0
     eol = int(eol_token_id)
     row_slots = max(int(row_slots), 1)
 
     _target_probs_kernel[(B * L, W + 1)](
-        logits, lane_start, lane_drafts, p, total, last,
+        logits, lane_start, lane_drafts, p, total, last, row_bad,
         logits.stride(0), logits.stride(1),
         B, L, N, W + 1, lo, vocab,
         float(cfg_scale), float(temperature), top_k, float(top_p),
         CFG=Bx != B, BLOCK_V=block_v, BLOCK_S=block_s, NPROBE=PROBES, num_warps=NUM_WARPS["target_probs"],
     )
     _accept_kernel[(B * L,)](
-        p, total, last, draft_tokens, draft_q, u_accept, u_sample,
+        p, total, last, row_bad, draft_tokens, draft_q, u_accept, u_sample,
         lane_start, lane_drafts, lane_rule, lane_slot, lane_room,
-        num_accepted, num_commit, commit_tokens,
+        num_accepted, num_commit, commit_tokens, invalid,
         W, vocab, lo, eol, row_slots, int(width),
         BLOCK_W=block_w, BLOCK_V=block_v, num_warps=NUM_WARPS["accept"],
     )
     _next_drafts_kernel[(B * L, W)](
         p, total, last, draft_tokens, draft_q, u_sample, init_tokens,
-        lane_start, lane_drafts, lane_slot, num_accepted, num_commit, commit_tokens,
+        lane_start, lane_drafts, lane_slot, invalid, num_accepted, num_commit, commit_tokens,
         next_tokens, next_q,
         W, vocab, lo, eol, row_slots, int(width), float(reuse_threshold), int(draft_init == "repeat_left"),
         BLOCK_V=block_v, num_warps=NUM_WARPS["next_drafts"],
     )
-    return num_accepted, num_commit, commit_tokens, next_tokens, next_q
+    return num_accepted, num_commit, commit_tokens, next_tokens, next_q, invalid.bool()
 
 
 _TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -534,17 +548,17 @@ def aot_configs():
                 config=f"{ty} V{block_v} S{block_s}x{PROBES} w{NUM_WARPS['target_probs']}" + (" cfg" if cfg else ""),
                 fn=_target_probs_kernel,
                 signature={"Logits": f"*{ty}", "LaneStart": "*i32", "LaneDrafts": "*i32", "P": "*fp32",
-                           "Total": "*fp32", "Last": "*i32", "cfg_scale": "fp32", "temperature": "fp32",
-                           "top_p": "fp32", **_int_args(_target_probs_kernel)},
+                           "Total": "*fp32", "Last": "*i32", "RowBad": "*i32", "cfg_scale": "fp32",
+                           "temperature": "fp32", "top_p": "fp32", **_int_args(_target_probs_kernel)},
                 constexprs={"CFG": cfg, "BLOCK_V": block_v, "BLOCK_S": block_s, "NPROBE": PROBES},
                 num_warps=NUM_WARPS["target_probs"], num_stages=1,
-                divisible=("Logits", "LaneStart", "LaneDrafts", "P", "Total", "Last"),
+                divisible=("Logits", "LaneStart", "LaneDrafts", "P", "Total", "Last", "RowBad"),
             ))
     pointers = {name: "*i64" if name in ("DraftTokens", "InitTokens", "CommitTokens", "NextTokens") else
-                "*i32" if name.startswith(("Lane", "Num")) or name == "Last" else "*fp32"
-                for name in ("P", "Total", "Last", "DraftTokens", "DraftQ", "UAccept", "USample", "InitTokens",
-                             "LaneStart", "LaneDrafts", "LaneRule", "LaneSlot", "LaneRoom", "NumAccepted",
-                             "NumCommit", "CommitTokens", "NextTokens", "NextQ")}
+                "*i32" if name.startswith(("Lane", "Num")) or name in ("Last", "RowBad") else "*fp32"
+                for name in ("P", "Total", "Last", "RowBad", "DraftTokens", "DraftQ", "UAccept", "USample",
+                             "InitTokens", "LaneStart", "LaneDrafts", "LaneRule", "LaneSlot", "LaneRoom",
+                             "LaneInvalid", "NumAccepted", "NumCommit", "CommitTokens", "NextTokens", "NextQ")}
     for block_w in BLOCK_WS:
         configs.append(KernelConfig(
             kernel="verify_accept", config=f"W{block_w} V{block_v} w{NUM_WARPS['accept']}", fn=_accept_kernel,

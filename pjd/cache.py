@@ -115,6 +115,16 @@ class ActiveStep:
 
     def __init__(self, cache, step: StepInputs, backend: str):
         self.cache, self.step, self.backend = cache, step, backend
+        self._sdpa_mask = None
+
+    def sdpa_mask(self, k_pos: torch.Tensor, k_group: torch.Tensor):
+        """pjd.ops.draft_attention.sdpa_mask of this step, built at the first layer and reused by the
+        others (they all see the same keys' metadata)."""
+        if self._sdpa_mask is None:
+            from pjd.ops.draft_attention import sdpa_mask
+
+            self._sdpa_mask = sdpa_mask(self.step.q_pos, self.step.q_group, k_pos, k_group)
+        return self._sdpa_mask
 
     def __enter__(self):
         self._token = _ACTIVE.set(self)

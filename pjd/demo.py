@@ -2,7 +2,8 @@
 
 Writes a PNG grid (one column per method, one row per image, classes in turn so every class shows
 with the default batch of 10), a JSON list of per-method figures, and prints a table: steps, step
-compression, wall seconds, speed-up over ar, NLL, the classifier's accuracy on the requested
+compression, wall seconds, speed-up over ar and over "hf" (transformers' own ``model.generate`` on
+the same prompts, CFG and sampling: pjd.baseline), NLL, the classifier's accuracy on the requested
 classes, and FID against the test split for batches of at least FID_MIN_IMAGES.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ FID_MIN_IMAGES = 100  # below this the FID's small-sample bias swamps difference
 
 
 def run_demo(methods=("ar", "sjd", "pjd"), batch=10, seed=0, cfg_scale=3.0, top_k=0, backend="auto",
-             out="out/demo", json_file=None, progress=True, device="cpu", model=None) -> list[dict]:
+             out="out/demo", json_file=None, progress=True, device="cpu", model=None, hf=True) -> list[dict]:
     from pjd.models import default
     from pjd.quality import class_accuracy, classifier_features, fid, nll_per_token
 
@@ -45,15 +46,30 @@ def run_demo(methods=("ar", "sjd", "pjd"), batch=10, seed=0, cfg_scale=3.0, top_
         if batch >= FID_MIN_IMAGES:
             rows[-1]["fid"] = fid(classifier_features(dm.decode(result.tokens)))
         images[method] = result.tokens
+    if hf:
+        from pjd.baseline import hf_generate
+
+        tokens, seconds, _ = hf_generate(dm.model, prompt, height=dm.height, width=dm.width,
+                                         image_token_range=dm.image_token_range, cfg_scale=cfg_scale,
+                                         uncond_input_ids=settings["uncond_input_ids"], top_k=top_k, seed=seed)
+        nll = nll_per_token(dm.model, tokens, prompt, image_token_range=dm.image_token_range)
+        rows.append(dict(method="hf", steps=dm.height * dm.width, step_compression=1.0, per_image_compression=1.0,
+                         seconds=seconds, forward_seconds=None, nll_per_token=float(nll.mean()),
+                         class_accuracy=class_accuracy(dm.decode(tokens), classes)))
+        if batch >= FID_MIN_IMAGES:
+            rows[-1]["fid"] = fid(classifier_features(dm.decode(tokens)))
+        images["hf"] = tokens
     ar_seconds = next((r["seconds"] for r in rows if r["method"] == "ar"), None)
+    hf_seconds = next((r["seconds"] for r in rows if r["method"] == "hf"), None)
     for r in rows:
         r["speedup"] = ar_seconds / r["seconds"] if ar_seconds else None
+        r["speedup_vs_hf"] = hf_seconds / r["seconds"] if hf_seconds else None
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     grid = out / "demo.png"
     save_grid(dm, images, [dm.class_names[c] for c in classes.tolist()], grid)
-    payload = dict(device=_device_name(dm.device), batch=batch, seed=seed, cfg_scale=cfg_scale, top_k=top_k,
+    payload = dict(device=device_name(dm.device), batch=batch, seed=seed, cfg_scale=cfg_scale, top_k=top_k,
                    grid=f"{dm.height}x{dm.width}", methods=rows)
     json_path = Path(json_file) if json_file else out / "demo.json"
     json_path.write_text(json.dumps(rows if json_file else payload, indent=2))
@@ -82,9 +98,10 @@ def save_grid(dm, images: dict, labels: list[str], path: Path, scale: int = 3) -
 
 def print_table(rows: list[dict], device: str) -> None:
     print(f"\ndevice: {device}")
-    cols = ["method", "steps", "step_compression", "per_image_compression", "seconds", "speedup", "nll_per_token",
-            "class_accuracy", "fid"]
-    header = ["method", "steps", "compression", "per image", "wall s", "speed-up", "NLL/token", "class acc", "FID"]
+    cols = ["method", "steps", "step_compression", "per_image_compression", "seconds", "speedup", "speedup_vs_hf",
+            "nll_per_token", "class_accuracy", "fid"]
+    header = ["method", "steps", "compression", "per image", "wall s", "vs ar", "vs hf", "NLL/token", "class acc",
+              "FID"]
     print(" | ".join(f"{h:>11}" for h in header))
     for r in rows:
         cells = []
@@ -94,10 +111,17 @@ def print_table(rows: list[dict], device: str) -> None:
         print(" | ".join(cells))
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
+    """The device a figure was measured on: GPU name, or CPU model, architecture and torch threads."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"CPU ({model}, {platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 __all__ = ["run_demo", "save_grid", "print_table"]

@@ -21,12 +21,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pjd import _checks
 from pjd.cache import HIDDEN_POS, ActiveStep, AppendCache, SlotCache, StepInputs
 from pjd.models.base import adapter_for
 from pjd.ops._backend import resolve_backend
-from pjd.ops.speculative_verify import PREFIX, TOP, speculative_verify
-from pjd.plan import DecodePlan, check_tensor, make_plan
-from pjd.rng import DrawStream, check_seed
+from pjd.ops.speculative_verify import PREFIX, TOP, VerifyResult, speculative_verify
+from pjd.plan import DecodePlan, make_plan
+from pjd.rng import DrawStream
+from pjd.sampling import sample_inverse_cdf, target_probs
 
 BIG = 1 << 30
 
@@ -67,12 +69,13 @@ class Packed:
     lane_start: torch.Tensor | None = None        # [B, L] index of each lane's first input (-1: not fed)
     dest: torch.Tensor | None = None              # [B, L*(W+1)] packed index of each grid entry (N: none)
     writes_committed: torch.Tensor | None = None  # [B, L, W+1] leading inputs that write their key
+    fed_lanes: int = 0                            # most lanes fed in one image (host int)
 
 
 def generate(model, input_ids, *, height, width, method="pjd", window=None, context=None, top_k=0,
              top_p=1.0, temperature=1.0, cfg_scale=1.0, uncond_input_ids=None, attention_mask=None,
              uncond_attention_mask=None, image_token_range=None, eol_token_id=None, draft_init="random",
-             reuse_threshold=0.5, cache="slot", backend="auto", generator=None, seed=None, progress=False,
+             reuse_threshold="auto", cache="slot", backend="auto", generator=None, seed=None, progress=False,
              row_causal=True, image_index=None) -> GenerationResult:
     """Generate a height x width grid of image tokens per prompt.
 
@@ -87,34 +90,47 @@ def generate(model, input_ids, *, height, width, method="pjd", window=None, cont
         cfg_scale: != 1 needs ``uncond_input_ids``; combined logits ``uncond + s * (cond - uncond)``.
         image_token_range: ``(lo, hi)`` image token ids (default: whole vocabulary).
         eol_token_id: forced end-of-line token after every row (row_slots = width + 1).
-        draft_init: "random" | "repeat_left". reuse_threshold: pjd / sjd++ draft reuse (None: off).
+        draft_init: "random" | "repeat_left" (methods with drafts). reuse_threshold: pjd / sjd++
+            draft reuse ("auto": 0.5; None: off); other methods take only "auto" or None.
         cache: "slot" | "append". backend: "auto" | "torch" | "triton" (attention and verification).
-        seed: non-negative int (default 0). Image b draws its random numbers from its own stream
-            keyed by ``(seed, image_index[b])`` (pjd.rng), so its tokens are the same whatever batch,
-            batch position, rank or device decodes it.
+        seed: non-negative int below 2**64 (default 0). Image b draws its random numbers from its own
+            stream keyed by ``(seed, image_index[b])`` (pjd.rng), so its tokens are the same whatever
+            batch, batch position, rank or device decodes it.
         image_index: int ``[B]`` (list or tensor) global index of each image in the run (default
             ``arange(B)``); pass the indices of the images a batch holds when splitting a run.
-        generator: deprecated; a seed is drawn from this CPU torch.Generator.
-        row_causal: False lets drafts see other rows' drafts (the paper's ablation).
+        generator: deprecated (DeprecationWarning); a seed is drawn from this CPU torch.Generator.
+        row_causal: False lets drafts see other rows' drafts (the paper's ablation; pjd only).
+
+    Every argument is checked before any decoding work (TypeError / ValueError naming it); the call
+    runs under ``torch.no_grad()``. A model emitting NaN / +inf logits, or -inf for every image
+    token, raises ValueError naming the step and the image (pjd.ops.speculative_verify's rule).
     """
     adapter = adapter_for(model)
+    _checks.check_settings(method=method, height=height, width=width, window=window, context=context, top_k=top_k,
+                           top_p=top_p, temperature=temperature, cfg_scale=cfg_scale,
+                           image_token_range=image_token_range, eol_token_id=eol_token_id, draft_init=draft_init,
+                           reuse_threshold=reuse_threshold, generator=generator, seed=seed, progress=progress,
+                           row_causal=row_causal)
+    prompt_len = _checks.check_prompts(adapter, input_ids, attention_mask, uncond_input_ids, uncond_attention_mask,
+                                       cfg_scale)
+    _checks.check_positions(adapter, prompt_len, height, width, eol_token_id)
     plan = make_plan(method=method, height=height, width=width, window=window, context=context,
                      top_k=top_k, top_p=top_p, temperature=temperature, cfg_scale=cfg_scale,
                      image_token_range=image_token_range, eol_token_id=eol_token_id, draft_init=draft_init,
                      reuse_threshold=reuse_threshold, cache=cache, vocab_size=adapter.vocab_size,
                      row_causal=row_causal)
-    resolve_backend(backend, adapter.device)  # fail before any work if the backend cannot run here
-    if generator is not None and seed is not None:
-        raise ValueError("pass either generator or seed, not both")
+    backend = resolve_backend(backend, adapter.device)  # fail before any work if the backend cannot run here
+    image_index = _image_index(image_index, input_ids.shape[0], adapter.device)
     if generator is not None:
         warnings.warn("generate(generator=...) is deprecated: pass seed= (per-image streams, pjd.rng)",
                       DeprecationWarning, stacklevel=2)
         seed = int(torch.randint(0, 2**62, (), generator=generator))
-    seed = check_seed(0 if seed is None else seed)
-    decoder = _Decoder(adapter, plan, input_ids, attention_mask, uncond_input_ids, uncond_attention_mask,
-                       cfg_scale, dict(top_k=top_k, top_p=float(top_p), temperature=float(temperature)),
-                       draft_init, cache, backend, seed, image_index)
-    return decoder.run(progress)
+    seed = 0 if seed is None else int(seed)  # checked by _checks.check_settings (pjd.rng.check_seed)
+    with torch.no_grad():  # as transformers' generate: no autograd graph of the whole decode
+        decoder = _Decoder(adapter, plan, input_ids, attention_mask, uncond_input_ids, uncond_attention_mask,
+                           cfg_scale, dict(top_k=top_k, top_p=float(top_p), temperature=float(temperature)),
+                           draft_init, cache, backend, seed, image_index)
+        return decoder.run(progress)
 
 
 def _image_index(image_index, B: int, device) -> torch.Tensor:
@@ -141,9 +157,6 @@ class _Decoder:
         self.B = input_ids.shape[0]
         self.Bx, self.P = prompt.shape
         total = self.P + plan.image_slots
-        if adapter.max_positions is not None and total > adapter.max_positions:
-            raise ValueError(f"a {plan.height}x{plan.width} grid after a {self.P}-token prompt needs {total} "
-                             f"positions; the model has max_position_embeddings={adapter.max_positions}")
         L, W = plan.num_lanes, max(plan.window, 1)  # ar/zipar store one (never fed) draft per lane
         self.L, self.W = L, W
         # Raster buffers: prompt then image slots. Image slots are shared by cond/uncond rows.
@@ -160,7 +173,7 @@ class _Decoder:
         self.lane_base = torch.tensor(plan.lane_base, device=device)
         self.lane_len = torch.tensor(plan.lane_len, device=device)
         self.n = torch.zeros(self.B, L, dtype=torch.long, device=device)
-        self.draws = DrawStream(seed, _image_index(image_index, self.B, device), L, W, (plan.lo, plan.hi))
+        self.draws = DrawStream(seed, image_index, L, W, (plan.lo, plan.hi))
         self.draft_tokens = self.draws.step(0)[2]
         self.draft_q = torch.nn.functional.one_hot(self.draft_tokens - plan.lo, plan.hi - plan.lo).float()
         self.scaffold_token = torch.full((self.B, L), -1, dtype=torch.long, device=device)  # -1: not taken yet
@@ -169,23 +182,16 @@ class _Decoder:
         else:
             self.cache = AppendCache(self.Bx, total + L * (W + 1), device)
         self.lane_id = torch.arange(L, device=device)
+        self.step = 0  # decoding steps verified
+        # Per image, the first step whose target was undefined (-1: none); read at host syncs.
+        self.bad_step = torch.full((self.B,), -1, dtype=torch.long, device=device)
 
     def _prompts(self, input_ids, attention_mask, uncond_input_ids, uncond_attention_mask):
-        device = self.adapter.device
-        check_tensor("input_ids", input_ids, 2, "int", device)
-        if input_ids.shape[1] < 1:
-            raise ValueError("input_ids must hold at least one prompt token")
-        mask = self._mask("attention_mask", attention_mask, input_ids)
+        """(ids, mask) of every batch row: cond, then uncond with CFG (checked by pjd._checks)."""
+        mask = self._mask(attention_mask, input_ids)
         if self.cfg_scale == 1.0:
-            if uncond_input_ids is not None:
-                raise ValueError("uncond_input_ids given but cfg_scale == 1 (CFG off); set cfg_scale != 1")
             return input_ids.long(), mask
-        if uncond_input_ids is None:
-            raise ValueError(f"cfg_scale={self.cfg_scale} needs uncond_input_ids (the unconditional prompt)")
-        check_tensor("uncond_input_ids", uncond_input_ids, 2, "int", device)
-        if uncond_input_ids.shape[0] != input_ids.shape[0]:
-            raise ValueError(f"uncond_input_ids must have batch {input_ids.shape[0]}, got {uncond_input_ids.shape[0]}")
-        umask = self._mask("uncond_attention_mask", uncond_attention_mask, uncond_input_ids)
+        umask = self._mask(uncond_attention_mask, uncond_input_ids)
         P = max(input_ids.shape[1], uncond_input_ids.shape[1])  # left-pad both to one length
 
         def pad(ids, m):
@@ -197,16 +203,8 @@ class _Decoder:
         return torch.cat([c, u]), torch.cat([cm, um])
 
     @staticmethod
-    def _mask(name, mask, ids):
-        if mask is None:
-            return torch.ones_like(ids, dtype=torch.bool)
-        check_tensor(name, mask, 2, "any", ids.device)
-        if mask.shape != ids.shape:
-            raise ValueError(f"{name} must have the prompt's shape {list(ids.shape)}, got {list(mask.shape)}")
-        mask = mask.bool()
-        if not bool(mask[:, -1].all()):
-            raise ValueError(f"{name}: the last prompt token of every row must be real (use left padding)")
-        return mask
+    def _mask(mask, ids):
+        return torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
 
     # ------------------------------------------------------------------ the loop
     def run(self, progress: bool) -> GenerationResult:
@@ -216,7 +214,10 @@ class _Decoder:
         bar = _progress(progress, self.B * self.plan.height * self.plan.width, self.plan.method)
         with self.adapter.decoding():
             self.prefill(result)
-            while True:
+            host_known = self.backend == "sdpa" and self.plan.method == "ar" and isinstance(self.cache, SlotCache)
+            if host_known:
+                finished_at = self.run_ar(result, bar)
+            while not host_known:
                 lanes = self.schedule()
                 step = self.pack(lanes)
                 if step is None:
@@ -231,12 +232,57 @@ class _Decoder:
                 if progress:
                     bar.update(int(accepted.sum()))
         bar.close()
+        self._check_targets(*self._first_undefined().tolist())
         plan = self.plan
         image = self.tokens[:self.B, self.P:self.dump].view(self.B, plan.height, plan.row_slots)[:, :, :plan.width]
         result.tokens = image.clone()
         result.steps_per_image = finished_at
         result.wall_seconds = time.perf_counter() - t0
         return result
+
+    def run_ar(self, result, bar) -> torch.Tensor:
+        """method="ar" on the sdpa path: step t feeds raster position P - 1 + t, writes its key there as
+        committed and samples image slot t, all known on the host. So a step packs nothing, runs no
+        verification (there are no drafts: it is the top lane's bonus sample of speculative_verify
+        with m = 0, from the same draws) and never synchronises; its inputs live in preallocated
+        buffers updated in place. Returns the step at which each image finished (all: the last)."""
+        plan, B, Bx, P, device = self.plan, self.B, self.Bx, self.P, self.device
+        off = self.cache_offset()
+        pos = torch.empty(Bx, 1, dtype=torch.int32, device=device)
+        slot = torch.empty(Bx, 1, dtype=torch.long, device=device)
+        inputs = StepInputs(q_pos=pos, q_group=torch.zeros_like(pos), key_pos=pos,
+                            key_group=torch.full_like(pos, -1), slot=slot, kv_len=0)
+        counts = {True: torch.zeros(B, dtype=torch.long, device=device),  # image tokens committed per step
+                  False: torch.ones(B, dtype=torch.long, device=device)}
+        tokens = self.tokens.view(Bx // B, B, -1)  # cond and uncond rows share the image tokens
+        undefined = torch.zeros(plan.lane_len[0], B, dtype=torch.bool, device=device)  # [step, image]
+        # Every step's one uniform at once (counter-based, so known upfront): loop step t is step t + 1
+        # of the general loop's numbering, and slot n + 0's sampling uniform there.
+        uniforms = self.draws.sample_uniform(torch.arange(1, plan.lane_len[0] + 1, device=device))  # [T, B, 1]
+        for t in range(plan.lane_len[0]):
+            raster = P - 1 + t
+            pos.fill_(raster)
+            slot.fill_(off + raster)
+            inputs.kv_len = off + raster + 1
+            logits = self.forward(Packed(inputs, self.tokens[:, raster:raster + 1], self.rope[:, raster:raster + 1]),
+                                  result)
+            # No cache.end(): begin() already wrote the key as committed, and it stays so.
+            forced = plan.eol_token_id is not None and t % plan.row_slots == plan.width
+            if forced:
+                tokens[:, :, raster + 1] = plan.eol_token_id
+            else:
+                u = uniforms[t]  # [B, 1]
+                p = target_probs(logits, num_images=B, cfg_scale=self.cfg_scale,
+                                 image_token_range=(plan.lo, plan.hi), **self.sampling)
+                # p is NaN exactly where the target is undefined (pjd.sampling.undefined_rows).
+                undefined[t] = torch.isnan(p).any((1, 2))
+                tokens[:, :, raster + 1:raster + 2] = sample_inverse_cdf(p, u) + plan.lo
+            result.steps += 1
+            result.accepted.append(counts[forced])
+            bar.update(0 if forced else B)
+        self.n.fill_(plan.lane_len[0])
+        self.bad_step = torch.where(undefined.any(0), undefined.int().argmax(0) + 1, -1)
+        return torch.full((B,), result.steps, dtype=torch.long, device=device)
 
     def prefill(self, result):
         """Every prompt token but the last (which is re-fed by the first step) writes its KV."""
@@ -253,7 +299,7 @@ class _Decoder:
             slot=(self.cache_offset() + pos).long(),
             kv_len=self.cache_offset() + n,
         )
-        self.forward(Packed(inputs, self.tokens[:, :n], self.rope[:, :n]), result)
+        self.forward(Packed(inputs, self.tokens[:, :n], self.rope[:, :n]), result, logits=False)
         self.cache.end(real)
         self.kv_ready[:, :n] = real[:self.B]
 
@@ -297,7 +343,12 @@ class _Decoder:
         valid = lanes.fed[..., None] & (k <= lanes.drafts[..., None])          # [B, L, W+1]
         image_slot = (self.lane_base + self.n - 1)[..., None] + k              # -1: the last prompt token
         raster = P + image_slot
-        N, max_raster = (int(x) for x in torch.stack([count.sum(1).max(), torch.where(valid, raster, 0).max()]).tolist())
+        # The step's one host synchronisation: shapes (inputs, cache length, lanes fed) and whether
+        # a previous step's target was undefined (checked here rather than by a sync of its own).
+        N, max_raster, fed_lanes, bad_image, bad_step = torch.cat([torch.stack([
+            count.sum(1).max(), torch.where(valid, raster, 0).max(), lanes.fed.sum(1).max()]),
+            self._first_undefined()]).tolist()
+        self._check_targets(bad_image, bad_step)
         if N == 0:
             return None
 
@@ -354,7 +405,8 @@ class _Decoder:
         # The first leading token is the last prompt token, which differs between cond/uncond rows.
         step_tokens = torch.where(raster_rows < P, self.tokens.gather(1, raster_rows), self._rows(packed(tokens, 0)))
         return Packed(inputs, step_tokens, self.rope.gather(1, raster_rows),
-                      lane_start=torch.where(lanes.fed, start, -1), dest=dest, writes_committed=writes_committed)
+                      lane_start=torch.where(lanes.fed, start, -1), dest=dest, writes_committed=writes_committed,
+                      fed_lanes=fed_lanes)
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         """Per-image [B, ...] -> per batch row [Bx, ...] (cond and uncond rows share image metadata)."""
@@ -374,27 +426,62 @@ class _Decoder:
         n_above = torch.nn.functional.pad(self.n[:, :-1], (1, 0), value=1)
         return self.tokens[:self.B].gather(1, self.P + base_above + (n_above - 1).clamp(min=0))
 
-    def forward(self, step: Packed, result) -> torch.Tensor:
+    def forward(self, step: Packed, result, logits: bool = True) -> torch.Tensor | None:
         t0 = time.perf_counter()
         self.cache.begin(step.inputs)
         with ActiveStep(self.cache, step.inputs, self.backend):
-            logits = self.adapter.forward(step.tokens, step.rope)
+            # The prefill only writes keys: no output head over the prompt (logits=False).
+            logits = self.adapter.forward(step.tokens, step.rope, **({} if logits else {"logits": False}))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         result.forward_seconds += time.perf_counter() - t0
         return logits
 
+    def _first_undefined(self) -> torch.Tensor:
+        """int64 [2]: (image, step) of the first image whose target was undefined; (-1, -1) if none."""
+        bad = self.bad_step >= 0
+        image = torch.where(bad.any(), bad.int().argmax(), -1)
+        return torch.stack([image, self.bad_step[image.clamp(min=0)]])
+
+    @staticmethod
+    def _check_targets(image: int, step: int) -> None:
+        if image >= 0:
+            raise ValueError(f"the model's logits define no distribution for image {image} at decoding step {step}: "
+                             "a NaN or +inf, or -inf for every image token, in the CFG-combined image-token logits "
+                             "/ temperature; pjd cannot sample from them")
+
     def verify(self, logits: torch.Tensor, lanes: Lanes, step: Packed, draws):
-        if bool(torch.isnan(logits).any()):
-            raise ValueError("the model produced NaN logits; pjd cannot sample from them")
-        plan = self.plan
-        return speculative_verify(
-            logits, step.lane_start.int(), lanes.drafts.int(), lanes.rule,
-            (self.lane_base + self.n).int(), lanes.room.int(), self.draft_tokens, self.draft_q, *draws,
+        """speculative_verify of the step with its per-image ``draws`` (DrawStream.step, all [B, L, ...]).
+        Lanes are independent in it, so the sdpa path verifies only the lanes fed this step (gathered to
+        the front with their draws, results scattered back): its work follows the active rows, not the
+        grid height. A lane sees the same draws on both paths, so tokens agree."""
+        plan, B, L, W = self.plan, self.B, self.L, self.W
+        lane = [step.lane_start.int(), lanes.drafts.int(), lanes.rule, (self.lane_base + self.n).int(),
+                lanes.room.int(), self.draft_tokens, self.draft_q, *draws]
+        compact = self.backend == "sdpa" and step.fed_lanes < L
+        if compact:
+            # The fed lanes of each image first (stable), then enough unfed ones to fill A columns.
+            order = torch.sort(lanes.fed.to(torch.uint8), dim=1, descending=True, stable=True).indices
+            order = order[:, :step.fed_lanes]
+            lane = [x.gather(1, order.view(B, -1, *(1,) * (x.dim() - 2)).expand(-1, -1, *x.shape[2:]))
+                    for x in lane]
+        verdict = speculative_verify(
+            logits, *lane,
             image_token_range=(plan.lo, plan.hi), cfg_scale=self.cfg_scale, reuse_threshold=plan.reuse_threshold,
             draft_init=self.draft_init, eol_token_id=plan.eol_token_id, row_slots=plan.row_slots,
-            width=plan.width, backend=self.backend, **self.sampling,
+            width=plan.width, backend=self.backend, validate=False, **self.sampling,
         )
+        if not compact:
+            return verdict
+
+        def scatter(full, part):
+            return full.scatter(1, order.view(B, -1, *(1,) * (part.dim() - 2)).expand_as(part), part)
+
+        zeros = torch.zeros(B, L, dtype=verdict.num_commit.dtype, device=self.device)
+        return VerifyResult(scatter(zeros, verdict.num_accepted), scatter(zeros, verdict.num_commit),
+                            scatter(self.draft_tokens.new_zeros(B, L, W + 1), verdict.commit_tokens),
+                            scatter(self.draft_tokens, verdict.next_tokens), scatter(self.draft_q, verdict.next_q),
+                            scatter(torch.zeros_like(self.n, dtype=torch.bool), verdict.invalid))
 
     def commit(self, verdict, step: Packed) -> torch.Tensor:
         """Write committed tokens, flip cache states, advance frontiers. Returns image tokens per image."""
@@ -416,6 +503,8 @@ class _Decoder:
         self.kv_ready.scatter_(1, torch.where(step.writes_committed[..., 0], slots[..., 0] - 1, dump), True)
         self.n = self.n + verdict.num_commit.long()
         self.draft_tokens, self.draft_q = verdict.next_tokens, verdict.next_q
+        self.step += 1
+        self.bad_step = torch.where((self.bad_step < 0) & verdict.invalid.any(1), self.step, self.bad_step)
         is_image = (slots - self.P) % plan.row_slots < plan.width
         return (committed & is_image).sum((1, 2))
 

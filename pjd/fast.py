@@ -16,6 +16,7 @@ Vision towers and VQ models keep their implementation (pjd never decodes through
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
 
 from transformers import AttentionInterface, PreTrainedModel
@@ -24,9 +25,12 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from pjd.cache import active_step
 from pjd.ops import draft_attention
+from pjd.ops.draft_attention import draft_attention_sdpa
 
 NAME = "pjd"
 _SAVED = "_pjd_saved_attn"
+_USERS = "_pjd_decoders"  # number of running `patched` blocks that switched the model
+_LOCK = threading.Lock()  # guards patch/unpatch + the count of `patched` (threads decoding one model)
 
 
 def pjd_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -45,8 +49,12 @@ def pjd_attention(module, query, key, value, attention_mask, dropout=0.0, scalin
                                       "pjd decoding supports plain causal attention only")
     k, v, k_pos, k_group = active.cache.update(layer, key, value)
     step = active.step
-    out = draft_attention(query, k, v, step.q_pos, step.q_group, k_pos, k_group,
-                          scale=scaling, backend=active.backend)
+    if active.backend == "sdpa":  # the engine's fast path: one mask per step, no argument checks per layer
+        scale = float(query.shape[-1] ** -0.5 if scaling is None else scaling)
+        out = draft_attention_sdpa(query, k, v, active.sdpa_mask(k_pos, k_group), scale)
+    else:
+        out = draft_attention(query, k, v, step.q_pos, step.q_group, k_pos, k_group,
+                              scale=scaling, backend=active.backend)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -74,7 +82,8 @@ def _decoder_configs(model) -> list:
     return list(unique.values())
 
 
-def _why_not_patchable(model) -> str | None:
+def why_not_patchable(model) -> str | None:
+    """Why ``patch`` would fail for this model, or None if it can be patched."""
     if not isinstance(model, PreTrainedModel):
         return f"it is a {type(model).__name__}, not a transformers PreTrainedModel"
     layers = [m for m in model.modules() if getattr(m, "layer_idx", None) is not None]
@@ -96,7 +105,7 @@ def patch(model) -> bool:
     when the model cannot use it (not a transformers model, no attention layer with ``layer_idx``,
     or attention not dispatched through ``AttentionInterface``); the model is then left unchanged.
     """
-    reason = _why_not_patchable(model)
+    reason = why_not_patchable(model)
     if reason is not None:
         warnings.warn(f"pjd.fast.patch: cannot patch {type(model).__name__}: {reason}", stacklevel=2)
         return False
@@ -125,16 +134,32 @@ def is_patched(model) -> bool:
 
 @contextlib.contextmanager
 def patched(model):
-    """Run a block with the model's decoder on "pjd" attention, restoring its previous setting after."""
-    if is_patched(model):
-        yield model
-        return
-    if not patch(model):
-        raise ValueError(f"model {type(model).__name__} cannot use pjd attention (see the warning above)")
+    """Run a block with the model's decoder on "pjd" attention, restoring its previous setting after.
+
+    Thread-safe and reentrant: concurrent blocks on one model share the switch (a per-model count
+    under a lock), and the last one to leave restores the model. A model already on "pjd" (by
+    ``patch`` or at load time) is left as it is.
+    """
+    with _LOCK:
+        users = getattr(model, _USERS, 0)
+        if users == 0 and is_patched(model):
+            owned = False
+        else:
+            if users == 0 and not patch(model):
+                raise ValueError(f"model {type(model).__name__} cannot use pjd attention (see the warning above)")
+            setattr(model, _USERS, users + 1)
+            owned = True
     try:
         yield model
     finally:
-        unpatch(model)
+        if owned:
+            with _LOCK:
+                users = getattr(model, _USERS) - 1
+                if users == 0:
+                    unpatch(model)
+                    delattr(model, _USERS)
+                else:
+                    setattr(model, _USERS, users)
 
 
 __all__ = ["patch", "unpatch", "patched", "is_patched", "pjd_attention", "pjd_mask", "NAME"]

@@ -14,6 +14,7 @@ import torch
 METHODS = ("ar", "sjd", "sjd++", "pjd", "zipar")
 CACHES = ("slot", "append")
 DEFAULT_WINDOW = {"ar": 0, "sjd": 15, "sjd++": 15, "pjd": 7, "zipar": 0}
+DEFAULT_REUSE_THRESHOLD = 0.5  # reuse_threshold="auto" for pjd and sjd++
 
 
 @dataclass(frozen=True)
@@ -97,11 +98,12 @@ def make_plan(*, method, height, width, window, context, top_k, top_p, temperatu
         raise ValueError(f"context applies to the row-parallel methods 'pjd' and 'zipar', not {method!r}")
     else:
         context = width
-    if method in ("pjd", "sjd++"):
-        if reuse_threshold is not None and not float(reuse_threshold) >= 0.0:
-            raise ValueError(f"reuse_threshold must be >= 0 or None, got {reuse_threshold}")
-    else:
+    if method not in ("pjd", "sjd++"):
         reuse_threshold = None  # sjd is the classic (lossless) Jacobi refresh; ar and zipar have no drafts
+    elif reuse_threshold == "auto":
+        reuse_threshold = DEFAULT_REUSE_THRESHOLD
+    elif reuse_threshold is not None and not float(reuse_threshold) >= 0.0:
+        raise ValueError(f"reuse_threshold must be >= 0, None (off) or 'auto', got {reuse_threshold}")
 
     row_slots = width + (eol_token_id is not None)
     if method in ("pjd", "zipar"):
@@ -110,17 +112,9 @@ def make_plan(*, method, height, width, window, context, top_k, top_p, temperatu
     else:  # one lane over the raster; the trailing EOL is never needed
         lane_base = (0,)
         lane_len = (height * row_slots - (eol_token_id is not None),)
+    # Drafts past a lane's end are never fed: a larger window would only size buffers.
+    window = min(window, max(lane_len))
     return DecodePlan(method, height, width, row_slots, eol_token_id, lo, hi, window, context,
                       None if reuse_threshold is None else float(reuse_threshold), bool(row_causal),
                       lane_base, lane_len)
 
-
-def check_tensor(name: str, t, dims: int, dtype_kind: str, device=None) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != dims:
-        raise ValueError(f"{name} must be {dims}-D, got shape {list(t.shape)}")
-    if dtype_kind == "int" and (t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex()):
-        raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
-    if device is not None and t.device != device:
-        raise ValueError(f"{name} is on {t.device}, but the model is on {device}")

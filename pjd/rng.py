@@ -61,13 +61,16 @@ def mix64_int(z: int) -> int:
 
 
 def check_seed(seed) -> int:
-    """``seed`` must be a non-negative int below 2**64 (Python int, numpy int or 0-d int tensor)."""
+    """``seed`` must be a non-negative int below 2**64 (Python int, numpy int or 0-d int tensor).
+    Returns it as a Python int. A wrong kind is a TypeError, a wrong value a ValueError (pjd._checks)."""
     if isinstance(seed, torch.Tensor):
-        if seed.numel() != 1 or seed.dtype.is_floating_point:
-            raise ValueError(f"seed: expected a non-negative integer, got a tensor {seed.dtype} {tuple(seed.shape)}")
+        if seed.dtype.is_floating_point or seed.is_complex() or seed.dtype == torch.bool:
+            raise TypeError(f"seed: expected a non-negative integer, got a tensor of {seed.dtype}")
+        if seed.numel() != 1:
+            raise ValueError(f"seed: expected one integer, got a tensor of shape {tuple(seed.shape)}")
         seed = int(seed)
     if isinstance(seed, bool) or not hasattr(seed, "__index__"):
-        raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
+        raise TypeError(f"seed: expected a non-negative integer, got {type(seed).__name__} {seed!r}")
     seed = int(seed)
     if not 0 <= seed <= MASK64:
         raise ValueError(f"seed: expected an integer in [0, 2**64), got {seed}")
@@ -120,7 +123,11 @@ class DrawStream:
         u = to_uniform(z[..., :2 * W + 1])
         return u[..., :W], u[..., W:], to_tokens(z[..., 2 * W + 1:], self.lo, self.hi)
 
-    def sample_uniform(self, t: int) -> torch.Tensor:
-        """float32 ``[B, L]``: step ``t``'s sampling uniform of slot ``n + 0`` of every lane, the same number
-        ``step(t)[1][..., 0]`` holds, computed alone (the one-draw steps of ar)."""
-        return to_uniform(mix64(self.base[..., self.W] + _i64(t * self.per_step * GAMMA)))
+    def sample_uniform(self, t: int | torch.Tensor) -> torch.Tensor:
+        """Step ``t``'s sampling uniform of slot ``n + 0`` of every lane, the same number ``step(t)[1][..., 0]``
+        holds, computed alone (the one-draw steps of ar). ``t`` an int: float32 ``[B, L]``; ``t`` an int64
+        ``[T]`` tensor of steps (on the stream's device): float32 ``[T, B, L]``, every step at once."""
+        base = self.base[..., self.W]
+        if isinstance(t, torch.Tensor):  # wrapping int64 multiply: the same offsets modulo 2**64
+            return to_uniform(mix64(base + t.long()[:, None, None] * _i64(self.per_step * GAMMA)))
+        return to_uniform(mix64(base + _i64(t * self.per_step * GAMMA)))

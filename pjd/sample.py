@@ -30,11 +30,10 @@ import numpy as np
 import torch
 
 import pjd
-from pjd import distributed
+from pjd import _checks, distributed
 from pjd.models.base import adapter_for
-from pjd.ops._backend import resolve_backend
+from pjd.ops._backend import BACKENDS, resolve_backend
 from pjd.plan import METHODS, make_plan
-from pjd.rng import check_seed
 
 FORMAT = 1
 RUN_FILE, MANIFEST_FILE, SUMMARY_FILE, NPZ_FILE, IMAGE_DIR = (
@@ -60,7 +59,7 @@ class SampleSettings:
     top_p: float = 1.0
     temperature: float = 1.0
     cfg_scale: float = 1.0
-    reuse_threshold: float | None = 0.5
+    reuse_threshold: float | str | None = "auto"  # as pjd.generate: 0.5 for pjd / sjd++, off elsewhere
     draft_init: str = "random"
     row_causal: bool = True
     seed: int = 0
@@ -128,7 +127,14 @@ def run_identity(settings: SampleSettings, dm) -> dict:
         raise SampleError(f"method: expected one of {METHODS}, got {settings.method!r}")
     classes = resolve_classes(settings.classes or range(len(dm.class_names)), dm.class_names)
     try:
-        seed = check_seed(settings.seed)
+        # pjd.generate's own checks, so that a setting it would refuse fails before run.json is written.
+        _checks.check_settings(method=settings.method, height=dm.height, width=dm.width, window=settings.window,
+                               context=settings.context, top_k=settings.top_k, top_p=settings.top_p,
+                               temperature=settings.temperature, cfg_scale=settings.cfg_scale,
+                               image_token_range=dm.image_token_range, eol_token_id=None,
+                               draft_init=settings.draft_init, reuse_threshold=settings.reuse_threshold,
+                               generator=None, seed=settings.seed, progress=False, row_causal=settings.row_causal)
+        seed = int(settings.seed)  # checked above (pjd.rng.check_seed)
         plan = make_plan(method=settings.method, height=dm.height, width=dm.width, window=settings.window,
                          context=settings.context, top_k=settings.top_k, top_p=settings.top_p,
                          temperature=settings.temperature, cfg_scale=settings.cfg_scale,
@@ -364,8 +370,9 @@ def _device_name(device: torch.device) -> str:
 __all__ = ["SampleSettings", "SampleError", "run_sample", "resolve_classes", "read_prompts", "chunks"]
 
 
-def _optional_float(text: str) -> float | None:
-    return None if text.lower() == "none" else float(text)
+def _reuse_threshold(text: str) -> float | str | None:
+    word = text.lower()
+    return None if word == "none" else "auto" if word == "auto" else float(text)
 
 
 def add_arguments(parser) -> None:
@@ -385,13 +392,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--cfg-scale", type=float, default=3.0)
-    parser.add_argument("--reuse-threshold", type=_optional_float, default=0.5, help="a number, or 'none' (off)")
+    parser.add_argument("--reuse-threshold", type=_reuse_threshold, default="auto",
+                        help="'auto' (0.5 for pjd / sjd++), a number (pjd / sjd++ only), or 'none' (off)")
     parser.add_argument("--draft-init", choices=["random", "repeat_left"], default="random")
     parser.add_argument("--no-row-causal", action="store_true", help="the paper's ablation")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda:LOCAL_RANK under torchrun)")
-    parser.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    parser.add_argument("--backend", default="auto", choices=list(BACKENDS))
     parser.add_argument("--cache", default="slot", choices=["slot", "append"])
     parser.add_argument("--no-npz", action="store_true", help="PNGs only, no samples.npz")
     parser.add_argument("--no-progress", action="store_true")

@@ -21,6 +21,22 @@ def combine_cfg(logits: torch.Tensor, num_images: int, cfg_scale: float) -> torc
     return uncond + cfg_scale * (cond - uncond)
 
 
+def scaled_logits(logits: torch.Tensor, *, num_images: int, cfg_scale: float, image_token_range: tuple[int, int],
+                  temperature: float) -> torch.Tensor:
+    """x = CFG-combined image-token logits / temperature, float32 ``[B, N, hi - lo]``: what softmax sees."""
+    lo, hi = image_token_range
+    # Slices, casts and divisions that would be identities are skipped: the same values, fewer ops.
+    x = logits if (lo, hi) == (0, logits.shape[-1]) else logits[..., lo:hi]
+    x = combine_cfg(x if x.dtype == torch.float32 else x.float(), num_images, cfg_scale)
+    return x / temperature if temperature != 1.0 else x
+
+
+def undefined_rows(x: torch.Tensor) -> torch.Tensor:
+    """bool ``[...]``: rows of x ``[..., V]`` that define no distribution: a NaN or +inf entry, or no
+    entry above -inf (softmax would be NaN). Other -inf entries are just tokens of probability 0."""
+    return (torch.isnan(x) | torch.isposinf(x)).any(-1) | ~(x > float("-inf")).any(-1)
+
+
 def target_probs(
     logits: torch.Tensor,
     *,
@@ -38,8 +54,8 @@ def target_probs(
     Returns:
         ``[B, N, hi - lo]`` float32 probabilities (rows sum to 1).
     """
-    lo, hi = image_token_range
-    x = combine_cfg(logits[..., lo:hi].float(), num_images, cfg_scale) / temperature
+    x = scaled_logits(logits, num_images=num_images, cfg_scale=cfg_scale, image_token_range=image_token_range,
+                      temperature=temperature)
     if 0 < top_k < x.shape[-1]:
         kth = torch.topk(x, top_k, dim=-1).values[..., -1:]
         x = x.masked_fill(x < kth, float("-inf"))

@@ -92,6 +92,67 @@ def test_single_row_step_is_left_padded_causal_as_flash_attention_sees_it():
     assert torch.equal(flash_mask, attention.visibility_mask(q_pos, q_group, k_pos, k_group))
 
 
+# ---------------------------------------------------------------- e2e speed section: hf baseline, op counts
+import e2e  # noqa: E402
+
+import pjd  # noqa: E402
+from pjd.baseline import hf_generate  # noqa: E402
+from pjd.models import tiny_llama  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_llama(40, hidden_size=32, layers=2, heads=2, kv_heads=1, logit_scale=4.0, seed=3)
+
+
+@pytest.mark.parametrize("eol", [None, 38])
+@pytest.mark.parametrize("cfg_mode", ["batched", "guidance"])
+def test_hf_baseline_greedy_equals_pjd_ar(lm, cfg_mode, eol):
+    """Same target distribution as pjd (CFG, image tokens, forced EOL): greedy tokens agree."""
+    ids, null = torch.tensor([[32, 33], [34, 35]]), torch.full((2, 2), 39)
+    kw = dict(height=3, width=4, image_token_range=(0, 32), cfg_scale=3.0, uncond_input_ids=null, top_k=1,
+              eol_token_id=eol)
+    with torch.no_grad():
+        ar = pjd.generate(lm, ids, method="ar", **kw)
+    tokens, seconds, forwards = hf_generate(lm, ids, cfg_mode=cfg_mode, **kw)
+    assert torch.equal(tokens, ar.tokens) and seconds > 0
+    assert forwards == 3 * (4 + (eol is not None)) * (2 if cfg_mode == "guidance" else 1)
+
+
+def test_hf_baseline_samples_image_tokens_and_restores_attention(lm):
+    before = lm.config._attn_implementation
+    ids = torch.tensor([[32], [33], [34]])
+    a, _, _ = hf_generate(lm, ids, height=4, width=4, image_token_range=(8, 24), cfg_scale=2.0,
+                          uncond_input_ids=torch.full_like(ids, 39), top_k=6, seed=1)
+    b, _, _ = hf_generate(lm, ids, height=4, width=4, image_token_range=(8, 24), cfg_scale=2.0,
+                          uncond_input_ids=torch.full_like(ids, 39), top_k=6, seed=2)
+    assert a.shape == (3, 4, 4) and a.min() >= 8 and a.max() < 24
+    assert not torch.equal(a, b)  # sampled: the seed matters
+    assert lm.config._attn_implementation == before
+
+
+def test_ops_outside_forward_ar_is_lean_and_pjd_does_not_grow_with_rows(lm):
+    ids, null = torch.tensor([[32]]), torch.full((1, 1), 39)
+    kw = dict(height=8, width=8, image_token_range=(0, 32), cfg_scale=3.0, uncond_input_ids=null, seed=0)
+
+    def per_step(method, **extra):
+        out = {}
+
+        def go():
+            with torch.no_grad():
+                out["r"] = pjd.generate(lm, ids, method=method, **kw, **extra)
+        return e2e.ops_outside_forward(lm, go) / out["r"].steps, out["r"]
+
+    ar, _ = per_step("ar")
+    assert ar <= 40
+    one_row, r1 = per_step("pjd", context=8)   # one active row at a time
+    many_rows, r2 = per_step("pjd", context=1)  # up to 8 rows at once
+    assert r2.steps < r1.steps
+    assert abs(one_row - many_rows) <= 0.05 * one_row
+    reference, _ = per_step("ar", backend="torch")  # the counter sees the reference's extra work
+    assert reference > 2 * ar
+
+
 def test_steps_per_image_chunks_and_statistics(tmp_path):
     import steps_per_image
 
@@ -99,7 +160,7 @@ def test_steps_per_image_chunks_and_statistics(tmp_path):
     row = steps_per_image.main(["--n", "2", "--out", str(out)])  # two chunks of one image
     steps = torch.tensor(row["steps_per_image"], dtype=torch.float64)
     assert len(steps) == 2 and len(row["nll_per_image"]) == 2
-    h, w = (int(x) for x in row["grid"].split("x"))
+    h, w = map(int, row["grid"].split("x"))
     assert ((steps >= 1) & (steps < h * w)).all()  # pjd needs fewer steps than AR's one per token
     assert row["steps_mean"] == pytest.approx(float(steps.mean()))
     assert row["steps_sem"] == pytest.approx(float(steps.std() / 2 ** 0.5))

@@ -108,7 +108,7 @@ def test_demo_writes_grid_and_scores(shipped, tmp_path):
     from pjd.demo import run_demo
 
     rows = run_demo(methods=("ar", "pjd"), batch=2, out=tmp_path, progress=False, model=shipped)
-    assert [r["method"] for r in rows] == ["ar", "pjd"]
+    assert [r["method"] for r in rows] == ["ar", "pjd", "hf"]  # hf: transformers' generate baseline
     assert all(0 <= r["class_accuracy"] <= 1 and r["steps"] >= 1 for r in rows)
     assert rows[0]["steps"] == 256  # ar: one token per step on the 16 x 16 grid
     assert (tmp_path / "demo.png").exists() and (tmp_path / "demo.json").exists()

@@ -1,4 +1,5 @@
-"""Engine tests: greedy equivalence with AR, ragged batches, cache layouts, determinism."""
+"""Engine tests: greedy equivalence with AR, ragged batches, cache layouts, determinism, and the fast
+CPU path (backend="sdpa", what "auto" runs on a CPU) against the reference (backend="torch")."""
 import pytest
 import torch
 
@@ -31,12 +32,14 @@ def cfg_args(ids):
     return dict(cfg_scale=3.0, uncond_input_ids=torch.full_like(ids[:, :1], PROMPT[1] - 1))
 
 
+@pytest.mark.parametrize("backend", ["torch", "sdpa"])
 @pytest.mark.parametrize("eol", [None, EOL])
 @pytest.mark.parametrize("cfg", [False, True])
 @pytest.mark.parametrize("grid", [(5, 7), (2, 3)])
-def test_greedy_methods_equal_ar(model, eol, cfg, grid):
+def test_greedy_methods_equal_ar(model, eol, cfg, grid, backend):
     ids = prompts(2)
-    kw = dict(height=grid[0], width=grid[1], top_k=1, eol_token_id=eol, **(cfg_args(ids) if cfg else {}))
+    kw = dict(height=grid[0], width=grid[1], top_k=1, eol_token_id=eol, backend=backend,
+              **(cfg_args(ids) if cfg else {}))
     ar = run(model, ids, method="ar", **kw)
     assert ar.steps == grid[0] * (grid[1] + (eol is not None)) - (eol is not None)
     for method, extra in [("sjd", {}), ("sjd++", {}), ("sjd", dict(window=3)),
@@ -83,13 +86,14 @@ def test_seed_reproducible_and_sensitive(model, method):
     assert a.tokens.min() >= IMAGE[0] and a.tokens.max() < IMAGE[1]
 
 
+@pytest.mark.parametrize("backend", ["torch", "sdpa"])
 @pytest.mark.parametrize("eol", [None, EOL])
 @pytest.mark.parametrize("method,extra", [("pjd", dict(context=2)), ("pjd", dict(context=1, row_causal=False)),
                                           ("pjd", dict(context=3, draft_init="repeat_left")),
-                                          ("sjd", {}), ("zipar", {})])
-def test_append_cache_equals_slot_cache(model, eol, method, extra):
+                                          ("sjd", {}), ("zipar", {}), ("ar", {})])
+def test_append_cache_equals_slot_cache(model, eol, method, extra, backend):
     ids = prompts(2, length=3, seed=2)
-    kw = dict(height=4, width=6, method=method, top_k=10, top_p=0.9, seed=11, eol_token_id=eol,
+    kw = dict(height=4, width=6, method=method, top_k=10, top_p=0.9, seed=11, eol_token_id=eol, backend=backend,
               **cfg_args(ids), **extra)
     slot = run(model, ids, cache="slot", **kw)
     append = run(model, ids, cache="append", **kw)
@@ -121,6 +125,46 @@ def test_row_causal_ablation_changes_the_mask(model):
     causal = run(model, ids, **kw)
     leaky = run(model, ids, row_causal=False, **kw)
     assert not torch.equal(causal.tokens, leaky.tokens) or causal.steps != leaky.steps
+
+
+@pytest.mark.parametrize("eol", [None, EOL])
+@pytest.mark.parametrize("method,extra", [("ar", {}), ("sjd", {}), ("sjd++", {}), ("zipar", {}),
+                                          ("pjd", dict(context=2)), ("pjd", dict(context=1, draft_init="repeat_left"))])
+def test_sdpa_path_gives_the_reference_tokens(model, eol, method, extra):
+    """Same seed, same tokens, steps and per-step commits: sampled, CFG, left padding, a ragged batch."""
+    ids = prompts(3, length=4, seed=5)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    kw = dict(height=5, width=6, method=method, top_k=12, temperature=0.9, seed=4, eol_token_id=eol,
+              attention_mask=mask, **cfg_args(ids), **extra)
+    ref = run(model, ids, backend="torch", **kw)
+    fast = run(model, ids, backend="sdpa", **kw)
+    assert torch.equal(ref.tokens, fast.tokens)
+    assert ref.steps == fast.steps and torch.equal(ref.steps_per_image, fast.steps_per_image)
+    assert torch.equal(torch.stack(ref.accepted), torch.stack(fast.accepted))
+
+
+def test_auto_backend_is_the_sdpa_path_on_cpu():
+    from pjd.ops._backend import resolve_backend
+
+    assert resolve_backend("auto", torch.device("cpu")) == "sdpa"
+    assert resolve_backend("torch", torch.device("cpu")) == "torch"
+
+
+@pytest.mark.parametrize("backend", ["torch", "sdpa"])
+def test_nan_logits_are_reported(model, backend):
+    ids = prompts(1)
+    weight = model.lm_head.weight
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight[3].fill_(float("nan"))
+    try:
+        for method in ("ar", "pjd"):
+            with pytest.raises(ValueError, match="no distribution for image 0 at decoding step 1"):
+                run(model, ids, height=2, width=3, method=method, backend=backend)
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
 
 
 def test_no_eol_scaffold_is_fixed_from_activation_until_the_row_above_completes(model, monkeypatch):

@@ -76,6 +76,10 @@ CASES = [
     ("sjd", dict(cfg_scale=2.5, eol_token_id=EOL, top_k=2, temperature=0.8, window=2)),
     ("pjd", dict(context=W, reuse_threshold=None, cfg_scale=2.5)),
     ("pjd", dict(context=W + 2, reuse_threshold=None, eol_token_id=EOL, window=2)),
+    # The cases above run backend="auto" (the sdpa path on a CPU); the reference path once per method.
+    ("ar", dict(backend="torch")),
+    ("sjd", dict(cfg_scale=2.5, eol_token_id=EOL, backend="torch")),
+    ("pjd", dict(context=W, reuse_threshold=None, cfg_scale=2.5, backend="torch")),
 ]
 
 

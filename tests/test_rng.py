@@ -126,21 +126,27 @@ def test_generator_is_deprecated_but_reproducible(model):
     assert torch.equal(a.tokens, b.tokens)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(image_index=[0]), "image_index: expected 2"),
-    (dict(image_index=[[0, 1]]), "image_index"),
-    (dict(image_index=[0.0, 1.0]), "image_index"),
-    (dict(image_index=[0, -1]), "non-negative"),
-    (dict(seed=-1), "seed"),
-    (dict(seed=1.5), "seed"),
-    (dict(seed=2**64), "seed"),
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(image_index=[0]), ValueError, "image_index: expected 2"),
+    (dict(image_index=[[0, 1]]), ValueError, "image_index"),
+    (dict(image_index=[0.0, 1.0]), ValueError, "image_index"),
+    (dict(image_index=[0, -1]), ValueError, "non-negative"),
+    (dict(seed=-1), ValueError, "seed"),
+    (dict(seed=1.5), TypeError, "seed"),  # a wrong kind: TypeError, as every pjd._checks argument
+    (dict(seed=torch.tensor(1.0)), TypeError, "seed"),
+    (dict(seed=2**64), ValueError, "seed"),
+    (dict(seed=1, generator=torch.Generator()), ValueError, "generator"),
 ])
-def test_bad_seed_and_index_are_rejected(model, kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_seed_and_index_are_rejected(model, kwargs, error, match):
+    with pytest.raises(error, match=match):
         _run(model, _prompts(2, 2, seed=0), height=2, width=3, **kwargs)
 
 
 def test_sample_uniform_alone_equals_the_step_draw():
     stream = DrawStream(5, torch.tensor([3, 0, 12]), lanes=2, window=3, token_range=(0, 9))
-    for t in (1, 40):
+    steps = [1, 40, 1 << 40]  # the last one's offset t * per_step * GAMMA wraps modulo 2**64
+    for t in steps:
         assert torch.equal(stream.sample_uniform(t), stream.step(t)[1][..., 0])
+    # Many steps at once (the ar loop's upfront draws) hold the same numbers.
+    assert torch.equal(stream.sample_uniform(torch.tensor(steps)),
+                       torch.stack([stream.step(t)[1][..., 0] for t in steps]))

@@ -141,6 +141,11 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     (["--prompts", "/nonexistent/prompts.txt"], "prompts"),
     (["--model", "huge"], "model"),
     (["--backend", "triton"], "TRITON_INTERPRET"),
+    # pjd.generate's own checks (pjd._checks), run before run.json is written:
+    (["--method", "sjd", "--no-row-causal"], "row_causal"),
+    (["--method", "sjd", "--reuse-threshold", "0.3"], "reuse_threshold"),
+    (["--temperature", "0"], "temperature"),
+    (["--seed", "-1"], "seed"),
 ])
 def test_bad_arguments_are_refused(tmp_path, capsys, argv, match):
     base = ["sample", "--out", str(tmp_path / "o"), "--model", "tiny", "-n", "2", "--no-progress"]
@@ -148,7 +153,7 @@ def test_bad_arguments_are_refused(tmp_path, capsys, argv, match):
         cli.main(base + argv)
     assert e.value.code == 2
     assert match in capsys.readouterr().err
-    assert not (tmp_path / "o" / IMAGE_DIR).exists() or not list((tmp_path / "o" / IMAGE_DIR).iterdir())
+    assert not (tmp_path / "o" / "run.json").exists()  # refused before the directory is bound
 
 
 def test_directory_of_another_run_is_refused(reference, tmp_path):

@@ -1,7 +1,8 @@
 """Model adapters: what the engine needs from a model, whatever its family.
 
 The engine calls ``adapter.forward(input_ids [Bx, N], position_ids [Bx, N]) -> logits [Bx, N, V]``
-inside ``adapter.decoding()``; attention goes through the "pjd" implementation (pjd.fast), which
+inside ``adapter.decoding()`` (``logits=False``: the prefill, which only writes keys, skips the output
+head and gets None); attention goes through the "pjd" implementation (pjd.fast), which
 reads the step's metadata and the cache from context, so the adapter never sees the cache.
 An adapter also exposes ``device``, ``vocab_size`` (logits width) and ``max_positions``.
 
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from pjd import fast
+from pjd.ops._checks import finite
 
 # transformers class name -> pjd.models module holding that family's adapter and decoder.
 _FAMILIES = {
@@ -46,6 +48,11 @@ class CausalLMAdapter:
         return self.model.get_output_embeddings().weight.shape[0]
 
     @property
+    def input_vocab_size(self) -> int:
+        """Prompt ids lie in [0, input_vocab_size) (the input embedding's rows)."""
+        return self.model.get_input_embeddings().num_embeddings
+
+    @property
     def max_positions(self) -> int | None:
         return getattr(self.text_config, "max_position_embeddings", None)
 
@@ -53,7 +60,10 @@ class CausalLMAdapter:
         """Context in which forward() runs with pjd attention."""
         return fast.patched(self.model)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, logits: bool = True):
+        if not logits:
+            self.model.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+            return None
         return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
 
 
@@ -71,6 +81,13 @@ def adapter_for(model):
         return model
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "get_output_embeddings"):
         raise TypeError(f"model must be a transformers causal LM or a pjd adapter, got {type(model).__name__}")
+    if model.get_output_embeddings() is None or not model.can_generate():
+        raise TypeError(f"model must be a causal LM with a language-model head (e.g. LlamaForCausalLM), got "
+                        f"{type(model).__name__}, which does not generate")
+    if not fast.is_patched(model):
+        reason = fast.why_not_patchable(model)
+        if reason is not None:
+            raise TypeError(f"model {type(model).__name__} cannot use pjd attention: {reason}")
     family = _family(model)
     return getattr(family, "ADAPTER", CausalLMAdapter)(model)
 
@@ -86,6 +103,13 @@ def decode_images(model, tokens: torch.Tensor) -> list:
                         "family's own image tokenizer (see docs/models.md)")
     check_grid(tokens)
     return decode(model, tokens)
+
+
+def check_codebook_ids(tokens: torch.Tensor, size: int) -> None:
+    """Tokens handed to a VQ decoder are codebook ids in [0, size) (else an IndexError deep inside)."""
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= size):
+        raise ValueError(f"tokens must be codebook ids in [0, {size}), got values in "
+                         f"[{int(tokens.min())}, {int(tokens.max())}]")
 
 
 # ---------------------------------------------------------------- helpers for the prompt builders
@@ -105,8 +129,23 @@ def as_sequences(name: str, ids) -> list[list[int]]:
     if not isinstance(ids, Sequence) or not ids:
         raise TypeError(f"{name} must be a non-empty list of token ids or of token-id lists, got {ids!r}")
     if all(isinstance(i, int) for i in ids):
-        return [list(ids)]
-    return [s.tolist() if isinstance(s, torch.Tensor) else list(s) for s in ids]
+        seqs = [list(ids)]
+    else:
+        seqs = []
+        for s in ids:
+            if isinstance(s, torch.Tensor) and s.dim() == 1 and not s.dtype.is_floating_point:
+                seqs.append(s.tolist())
+            elif isinstance(s, Sequence) and not isinstance(s, (str, bytes)):
+                seqs.append(list(s))
+            else:
+                raise TypeError(f"{name} must be a list of token ids or of token-id lists, got an entry {s!r}")
+    for s in seqs:
+        bad = [t for t in s if isinstance(t, bool) or not isinstance(t, int)]
+        if bad:
+            raise TypeError(f"{name} must hold int token ids, got {bad[0]!r}")
+        if any(t < 0 for t in s):
+            raise ValueError(f"{name} must hold token ids >= 0, got {min(s)}")
+    return seqs
 
 
 def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,7 +178,7 @@ def engine_kwargs(*, ids, mask, uncond_ids, uncond_mask, cfg_scale, height, widt
                   eol_token_id=None) -> dict:
     """The keyword arguments of pjd.generate for a built prompt (no unconditional rows without CFG)."""
     kw = dict(input_ids=ids, attention_mask=mask, height=height, width=width,
-              image_token_range=image_token_range, cfg_scale=float(cfg_scale))
+              image_token_range=image_token_range, cfg_scale=finite("cfg_scale", cfg_scale))
     if eol_token_id is not None:
         kw["eol_token_id"] = int(eol_token_id)
     if float(cfg_scale) != 1.0:

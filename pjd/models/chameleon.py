@@ -65,9 +65,9 @@ class ChameleonAdapter(CausalLMAdapter):
     (it is a text chat model in transformers); image generation needs them, so the adapter applies
     ``lm_head`` to the decoder output itself."""
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, logits: bool = True):
         hidden = self.model.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
-        return self.model.lm_head(hidden)
+        return self.model.lm_head(hidden) if logits else None
 
 
 ADAPTER = ChameleonAdapter

@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import CausalLMAdapter, as_sequences, check_grid_size, engine_kwargs, left_pad, to_pil
+from .base import (CausalLMAdapter, as_sequences, check_codebook_ids, check_grid_size, engine_kwargs, left_pad,
+                   to_pil)
 
 
 class JanusAdapter(CausalLMAdapter):
@@ -36,7 +37,11 @@ class JanusAdapter(CausalLMAdapter):
     def vocab_size(self) -> int:
         return self.codebook_size
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    @property
+    def input_vocab_size(self) -> int:
+        return self.codebook_size + super().input_vocab_size
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, logits: bool = True):
         model, K = self.model, self.codebook_size
         is_image = (input_ids < K)[..., None]
         text = model.get_input_embeddings()((input_ids - K).clamp(min=0))
@@ -44,7 +49,7 @@ class JanusAdapter(CausalLMAdapter):
         embeds = torch.where(is_image, image.to(text.dtype), text)
         hidden = model.model.language_model(inputs_embeds=embeds, position_ids=position_ids,
                                             use_cache=False).last_hidden_state
-        return model.model.generation_head(hidden)
+        return model.model.generation_head(hidden) if logits else None
 
 
 ADAPTER = JanusAdapter
@@ -83,7 +88,8 @@ def janus_prompt(model, text_ids, *, height: int | None = None, width: int | Non
     full codebook (no top-k): ``pjd.generate(model, **prompt, top_k=0)``.
     """
     native = model.config.vq_config.num_patches
-    height, width = height or native, width or native
+    height = native if height is None else height
+    width = native if width is None else width
     check_grid_size(height, width)
     boi, pad = _special(model, "boi_token_id", boi_token_id), _special(model, "pad_token_id", pad_token_id)
     seqs = as_sequences("text_ids", text_ids)
@@ -107,6 +113,7 @@ def decode_pixels(model, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def decode_images(model, tokens: torch.Tensor) -> list:
+    check_codebook_ids(tokens, model.config.vq_config.num_embeddings)
     with torch.no_grad():
         return to_pil(decode_pixels(model, tokens))
 

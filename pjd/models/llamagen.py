@@ -41,7 +41,9 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-from .base import check_grid_size, engine_kwargs, load_pickle, to_pil
+from pjd.ops._checks import integer
+
+from .base import check_codebook_ids, check_grid_size, engine_kwargs, load_pickle, to_pil
 
 
 @dataclass(frozen=True)
@@ -336,13 +338,14 @@ def llamagen_prompt(labels, *, model=None, codebook_size: int | None = None, num
     elif codebook_size is None or num_classes is None:
         raise ValueError("llamagen_prompt needs model= or both codebook_size= and num_classes=")
     check_grid_size(height, width)
+    for name, value in (("codebook_size", codebook_size), ("num_classes", num_classes),
+                        ("cls_token_num", cls_token_num)):
+        integer(name, value, low=1)
     labels = torch.as_tensor(labels).reshape(-1)
-    if labels.dtype.is_floating_point or labels.numel() == 0:
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.numel() == 0:
         raise TypeError(f"labels must be integer class ids, got {labels.dtype} with {labels.numel()} entries")
     if bool(((labels < 0) | (labels >= num_classes)).any()):
         raise ValueError(f"labels must lie in [0, num_classes={num_classes}), got {labels.tolist()}")
-    if cls_token_num < 1:
-        raise ValueError(f"cls_token_num must be >= 1, got {cls_token_num}")
     ids = (codebook_size + labels.long())[:, None].repeat(1, cls_token_num).to(device)
     uncond = torch.full_like(ids, codebook_size + num_classes)
     mask = torch.ones_like(ids)
@@ -355,6 +358,7 @@ def decode_images(model, tokens: torch.Tensor) -> list:
     if getattr(model, "image_decoder", None) is None:
         raise TypeError("this LlamaGen model has no VQ decoder: load it with load_llamagen(..., vq_checkpoint=...)")
     decoder = model.image_decoder
+    check_codebook_ids(tokens, model.config.codebook_size)
     with torch.no_grad():
         return to_pil(decoder.decode(tokens.to(next(decoder.parameters()).device)))
 

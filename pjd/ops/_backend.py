@@ -1,11 +1,18 @@
-"""Backend selection shared by every op: "auto" | "torch" | "triton"."""
+"""Backend selection shared by every op: "auto" | "torch" | "sdpa" | "triton".
+
+- torch: the pure-torch references, the specification (dense fp32 attention scores).
+- sdpa: the fast path where Triton does not run (CPU): attention by torch's
+  scaled_dot_product_attention with native grouped-query attention and a boolean mask of the
+  step's rows only; ops without an attention part run their torch implementation.
+- triton: the fused kernels (CUDA, or CPU under TRITON_INTERPRET=1).
+"""
 from __future__ import annotations
 
 import os
 
 import torch
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "sdpa", "triton")
 
 
 def triton_interpreting() -> bool:
@@ -15,13 +22,13 @@ def triton_interpreting() -> bool:
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Map a user-facing backend name to the implementation that will run.
 
-    auto: triton on CUDA tensors, torch elsewhere. triton on CPU tensors is allowed only under
+    auto: triton on CUDA tensors (when triton is installed), sdpa elsewhere. triton on CPU tensors is allowed only under
     TRITON_INTERPRET=1 (the interpreter); otherwise it is a clear error, never a silent fallback.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
+        return "triton" if device.type == "cuda" and triton_available() else "sdpa"
     if backend == "triton":
         if not triton_available():
             raise RuntimeError("backend='triton' needs the triton package (pip install triton)")

@@ -132,7 +132,31 @@ def _check_args(caches, keep, tail_start, dst_start, meta):
             raise ValueError(f"meta[{i}] must be [B={B}, S={S}], got shape {list(m.shape)}")
         if not m.is_contiguous():
             raise ValueError(f"meta[{i}] must be contiguous (it is compacted in place)")
+    _check_no_overlap(caches, meta, keep, dst_start)
     return caches, meta
+
+
+def _check_no_overlap(caches, meta, keep, dst_start) -> None:
+    """The tensors written in place (caches, meta) overlap neither one another nor keep / dst_start.
+
+    Views of one buffer are fine (e.g. K and V as halves of one allocation) as long as their bytes
+    are disjoint; every written tensor is contiguous (checked), so its bytes are one interval.
+    """
+    named = [(f"caches[{i}]", x) for i, x in enumerate(caches)] + [(f"meta[{i}]", m) for i, m in enumerate(meta)]
+    spans = sorted((x.data_ptr(), x.data_ptr() + x.numel() * x.element_size(), name)
+                   for name, x in named if x.numel())
+    for (_, end, name), (start, _, other) in zip(spans, spans[1:]):
+        if start < end:
+            raise ValueError(f"{name} and {other} share memory; compact_kv writes them in place, so they must not "
+                             "alias one another")
+    for name, t in (("keep", keep), ("dst_start", dst_start)):
+        if t.numel() == 0:
+            continue
+        last = sum((n - 1) * stride for n, stride in zip(t.shape, t.stride()))  # its farthest element
+        lo, hi = t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+        for start, end, written in spans:
+            if start < hi and lo < end:
+                raise ValueError(f"{name} shares memory with {written}, which compact_kv writes in place")
 
 
 def compact_kv(caches, keep, tail_start, dst_start, *, meta=(), backend="auto") -> torch.Tensor:
@@ -150,7 +174,7 @@ def compact_kv(caches, keep, tail_start, dst_start, *, meta=(), backend="auto") 
     Args:
         caches: list/tuple of contiguous ``[B, H, S, D]`` tensors of one shape, dtype and device,
             typically K and V of every layer ``[k0, v0, k1, v1, ...]``. Mutated in place; they must
-            not alias one another.
+            not share memory with one another, with meta, keep or dst_start (ValueError).
         keep: bool ``[B, T]``: which entries of the tail ``[tail_start, tail_start + T)`` survive
             (ragged: any number per sample).
         tail_start: python int, ``0 <= tail_start`` and ``tail_start + T <= S``.

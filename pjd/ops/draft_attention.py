@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from . import _checks
 from ._backend import check_int32, resolve_backend
 
 COMMITTED = -1
@@ -36,6 +37,26 @@ def draft_attention_reference(q, k, v, q_pos, q_group, k_pos, k_group, scale: fl
     return torch.matmul(probs, v).to(q.dtype)
 
 
+def sdpa_mask(q_pos, q_group, k_pos, k_group) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's mask as SDPA takes it: (visible bool ``[B, 1, Nq, Nk]``, sees_any bool ``[B, 1, Nq, 1]``).
+
+    Built for the step's rows only, and once per step by the engine (every layer of a step reads
+    the same keys' metadata): its size is the attention's score count divided by the heads.
+    """
+    visible = visibility_mask(q_pos, q_group, k_pos, k_group)[:, None]
+    return visible, visible.any(-1, keepdim=True)
+
+
+def draft_attention_sdpa(q, k, v, mask: tuple[torch.Tensor, torch.Tensor], scale: float) -> torch.Tensor:
+    """torch SDPA with native grouped-query attention over ``mask = sdpa_mask(...)``: K/V are read in
+    place (a strided view of the cache is fine), never repeated, upcast or copied."""
+    visible, sees_any = mask
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=visible, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    # A query that sees nothing (padding) gets zeros as in the reference; some SDPA kernels give NaN.
+    return torch.where(sees_any, out, 0.0)
+
+
 @torch.library.custom_op("pjd::draft_attention", mutates_args=())
 def _draft_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -46,6 +67,9 @@ def _draft_attention_op(
         from pjd.kernels.draft_attention import draft_attention_triton
 
         return draft_attention_triton(q, k, v, q_pos, q_group, k_pos, k_group, scale)
+    if backend == "sdpa":
+        mask = sdpa_mask(q_pos, q_group, k_pos, k_group)
+        return draft_attention_sdpa(q, k, v, mask, scale).contiguous()
     return draft_attention_reference(q, k, v, q_pos, q_group, k_pos, k_group, scale)
 
 
@@ -64,8 +88,9 @@ def draft_attention(q, k, v, q_pos, q_group, k_pos, k_group, *, scale=None, back
         q_pos, q_group: int32 ``[B, Nq]`` raster position and row group of each query.
         k_pos, k_group: int32 ``[B, Nk]`` raster position and state of each key:
             -1 committed, -2 never visible, g >= 0 draft of row g.
-        scale: softmax scale, default ``D ** -0.5``.
-        backend: "auto" (triton on CUDA, torch elsewhere), "torch" or "triton".
+        scale: finite softmax scale, default ``D ** -0.5``.
+        backend: "auto" (triton on CUDA, sdpa elsewhere), "torch" (the reference), "sdpa" (torch's
+            scaled_dot_product_attention with a boolean mask of the step's rows) or "triton".
 
     Returns:
         ``[B, Hq, Nq, D]`` in q's dtype. A query that sees no key gets zeros.
@@ -78,6 +103,8 @@ def draft_attention(q, k, v, q_pos, q_group, k_pos, k_group, *, scale=None, back
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
     B, Hq, Nq, D = q.shape
+    if D == 0:
+        raise ValueError(f"q must have head dim D >= 1, got shape {list(q.shape)}")
     Bk, Hkv, Nk, Dk = k.shape
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {list(k.shape)} and {list(v.shape)}")
@@ -95,6 +122,6 @@ def draft_attention(q, k, v, q_pos, q_group, k_pos, k_group, *, scale=None, back
     check_int32("q_group", q_group, (B, Nq), q.device)
     check_int32("k_pos", k_pos, (B, Nk), q.device)
     check_int32("k_group", k_group, (B, Nk), q.device)
-    scale = float(D ** -0.5 if scale is None else scale)
+    scale = D ** -0.5 if scale is None else _checks.finite("scale", scale)
     backend = resolve_backend(backend, q.device)
     return _draft_attention_op(q, k, v, q_pos, q_group, k_pos, k_group, scale, backend)

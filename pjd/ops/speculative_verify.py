@@ -25,6 +25,11 @@ pjd / zipar, the whole raster for ar / sjd. Per lane, the step fed the lane's la
    - forced slots hold the EOL token.
 Inactive lanes (``lane_start < 0``) commit nothing and keep their drafts.
 
+Non-finite logits: a lane is *invalid* when, for one of its fed inputs, x = CFG-combined image
+logits / temperature (what the softmax sees) holds a NaN or +inf or has no entry above -inf. An
+invalid lane is flagged in ``VerifyResult.invalid`` and treated as inactive (it commits nothing and
+keeps its drafts), on every backend; -inf on some tokens is fine (probability 0).
+
 Randomness comes in as tensors (``u_accept``, ``u_sample``, ``init_tokens``) so every backend gives
 the same tokens for the same draws; sampling is inverse-CDF with one uniform per draw
 (pjd.sampling.sample_inverse_cdf), u_sample[k] serving the one draw slot n + k can need.
@@ -35,8 +40,9 @@ from typing import NamedTuple
 
 import torch
 
-from pjd.sampling import sample_inverse_cdf, target_probs
+from pjd.sampling import sample_inverse_cdf, scaled_logits, target_probs, undefined_rows
 
+from . import _checks
 from ._backend import resolve_backend
 
 TOP = 0
@@ -50,6 +56,7 @@ class VerifyResult(NamedTuple):
     commit_tokens: torch.Tensor  # int64 [B, L, W+1]: committed tokens at slots n .. n+num_commit-1
     next_tokens: torch.Tensor   # int64 [B, L, W]: drafts for slots n' .. n'+W-1 (n' = n + num_commit)
     next_q: torch.Tensor        # float32 [B, L, W, V_img]: their draft distributions
+    invalid: torch.Tensor       # bool [B, L]: a fed input of the lane has no target distribution
 
 
 def _gather_slots(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -76,11 +83,16 @@ def speculative_verify_reference(
     probs = target_probs(logits, num_images=B, cfg_scale=cfg_scale, image_token_range=image_token_range,
                          temperature=temperature, top_k=top_k, top_p=top_p)  # [B, N, V]
     N = probs.shape[1]
-    active = lane_start >= 0
-    m = torch.where(active, lane_drafts, 0).long()[..., None]  # [B, L, 1]
     ks = torch.arange(W + 1, device=device)
     rows = (lane_start.clamp(min=0).long()[..., None] + ks).clamp(max=N - 1)  # [B, L, W+1]
-    p = probs[torch.arange(B, device=device)[:, None, None], rows]  # [B, L, W+1, V]
+    images = torch.arange(B, device=device)[:, None, None]
+    undefined = undefined_rows(scaled_logits(logits, num_images=B, cfg_scale=cfg_scale,
+                                             image_token_range=image_token_range, temperature=temperature))
+    fed = lane_start >= 0
+    invalid = fed & (undefined[images, rows] & (ks <= lane_drafts.long()[..., None])).any(-1)
+    active = fed & ~invalid  # an invalid lane is treated as not fed
+    m = torch.where(active, lane_drafts, 0).long()[..., None]  # [B, L, 1]
+    p = probs[images, rows].masked_fill(invalid[..., None, None], 0.0)  # [B, L, W+1, V]
 
     def forced(offsets: torch.Tensor) -> torch.Tensor:
         if eol_token_id < 0:
@@ -153,7 +165,7 @@ def speculative_verify_reference(
     next_tokens = torch.where(keep_old, draft_tokens, next_tokens)
     next_q = torch.where(keep_old[..., None], draft_q, next_q)
     return VerifyResult(
-        num_accepted.squeeze(-1).int(), num_commit.squeeze(-1).int(), commit_tokens, next_tokens, next_q
+        num_accepted.squeeze(-1).int(), num_commit.squeeze(-1).int(), commit_tokens, next_tokens, next_q, invalid
     )
 
 
@@ -164,7 +176,7 @@ def _speculative_verify_op(
     u_accept: torch.Tensor, u_sample: torch.Tensor, init_tokens: torch.Tensor,
     cfg_scale: float, lo: int, hi: int, temperature: float, top_k: int, top_p: float,
     reuse_threshold: float, draft_init: str, eol_token_id: int, row_slots: int, width: int, backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (logits, lane_start, lane_drafts, lane_rule, lane_slot, lane_room, draft_tokens, draft_q,
             u_accept, u_sample, init_tokens, cfg_scale, (lo, hi), temperature, top_k, top_p,
             reuse_threshold, draft_init, eol_token_id, row_slots, width)
@@ -180,14 +192,14 @@ def _(logits, lane_start, lane_drafts, lane_rule, lane_slot, lane_room, draft_to
     B, L, W = draft_tokens.shape
     lane = lane_start.new_empty((B, L))
     return (lane, lane.clone(), draft_tokens.new_empty((B, L, W + 1)), torch.empty_like(draft_tokens),
-            torch.empty_like(draft_q))
+            torch.empty_like(draft_q), lane_start.new_empty((B, L), dtype=torch.bool))
 
 
 def speculative_verify(
     logits, lane_start, lane_drafts, lane_rule, lane_slot, lane_room,
     draft_tokens, draft_q, u_accept, u_sample, init_tokens, *,
     image_token_range, cfg_scale=1.0, temperature=1.0, top_k=0, top_p=1.0, reuse_threshold=None,
-    draft_init="random", eol_token_id=None, row_slots=1, width=1, backend="auto",
+    draft_init="random", eol_token_id=None, row_slots=1, width=1, backend="auto", validate=True,
 ) -> VerifyResult:
     """Verify every lane's drafts, commit tokens, and propose the next drafts (one fused step).
 
@@ -208,23 +220,90 @@ def speculative_verify(
         image_token_range: ``(lo, hi)`` image token ids; cfg_scale, temperature (> 0), top_k
             (0 = off), top_p (1 = off): the target distribution (pjd.sampling.target_probs).
         reuse_threshold: float or None (no reuse); draft_init: "random" | "repeat_left".
-        eol_token_id: forced token after every row (None = no EOL); row_slots, width: the grid.
+        eol_token_id: forced token after every row (None = no EOL; else a non-image id and
+            ``row_slots == width + 1``); row_slots, width: the grid.
+        validate: also check tensor values (lane indices inside N, drafts in [0, W], rules, tokens
+            in the image range or EOL, uniforms in [0, 1), draft_q finite and >= 0): one host read.
+            Kinds, shapes, dtypes, devices and scalars are always checked (no device work).
 
     Returns:
-        VerifyResult(num_accepted, num_commit, commit_tokens, next_tokens, next_q); see the module
-        docstring for the rules. No host synchronisation happens inside.
+        VerifyResult(num_accepted, num_commit, commit_tokens, next_tokens, next_q, invalid); see
+        the module docstring for the rules. Without ``validate`` no host synchronisation happens.
     """
+    lo, hi = _check_args(logits, lane_start, lane_drafts, lane_rule, lane_slot, lane_room, draft_tokens, draft_q,
+                         u_accept, u_sample, init_tokens, image_token_range, cfg_scale, temperature, top_k, top_p,
+                         reuse_threshold, draft_init, eol_token_id, row_slots, width, validate)
+    backend = resolve_backend(backend, logits.device)
+    lanes = (logits, lane_start, lane_drafts, lane_rule, lane_slot, lane_room, draft_tokens, draft_q,
+             u_accept, u_sample, init_tokens, float(cfg_scale))
+    rules = (float(temperature), int(top_k), float(top_p), -1.0 if reuse_threshold is None else float(reuse_threshold),
+             draft_init, -1 if eol_token_id is None else int(eol_token_id), int(row_slots), int(width))
+    if backend == "sdpa" and not torch.compiler.is_compiling():
+        # The sdpa (CPU) path calls the torch implementation directly: on a CPU the custom-op dispatch
+        # costs about as much as a small verification. Under torch.compile the registered op is traced.
+        out = speculative_verify_reference(*lanes, (int(lo), int(hi)), *rules)
+    else:
+        out = _speculative_verify_op(*lanes, int(lo), int(hi), *rules, backend)
+    return VerifyResult(*out)
+
+
+def _check_args(logits, lane_start, lane_drafts, lane_rule, lane_slot, lane_room, draft_tokens, draft_q, u_accept,
+                u_sample, init_tokens, image_token_range, cfg_scale, temperature, top_k, top_p, reuse_threshold,
+                draft_init, eol_token_id, row_slots, width, validate) -> tuple[int, int]:
+    _checks.tensor("draft_tokens", draft_tokens, 3, torch.int64, None)
     B, L, W = draft_tokens.shape
-    lo, hi = image_token_range
+    device = draft_tokens.device
+    if W < 1:
+        raise ValueError(f"draft_tokens must be [B, L, W] with W >= 1, got shape {list(draft_tokens.shape)}")
+    _checks.tensor("logits", logits, 3, _checks.FLOATS, device)
+    Bx, N, V = logits.shape
+    if Bx not in (B, 2 * B):
+        raise ValueError(f"logits must have B={B} rows, or 2B={2 * B} with CFG, got {Bx}")
+    lo, hi = _checks.image_range(image_token_range, V)
+    for name, t in (("lane_start", lane_start), ("lane_drafts", lane_drafts), ("lane_rule", lane_rule),
+                    ("lane_slot", lane_slot), ("lane_room", lane_room)):
+        _checks.tensor(name, t, (B, L), torch.int32, device)
+    _checks.tensor("draft_q", draft_q, (B, L, W, hi - lo), torch.float32, device)
+    _checks.tensor("u_accept", u_accept, (B, L, W), torch.float32, device)
+    _checks.tensor("u_sample", u_sample, (B, L, W + 1), torch.float32, device)
+    _checks.tensor("init_tokens", init_tokens, (B, L, W), torch.int64, device)
+    if _checks.finite("cfg_scale", cfg_scale) != 1.0 and Bx == B:
+        raise ValueError(f"cfg_scale={cfg_scale} needs 2B={2 * B} logits rows (cond, then uncond), got B={B}")
+    if _checks.finite("temperature", temperature) < _checks.MIN_TEMPERATURE:
+        raise ValueError(f"temperature must be >= {_checks.MIN_TEMPERATURE:.3g} (smaller ones overflow the logits), "
+                         f"got {temperature}")
+    _checks.integer("top_k", top_k, low=0)
+    if not 0.0 < _checks.finite("top_p", top_p) <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if reuse_threshold is not None and _checks.finite("reuse_threshold", reuse_threshold) < 0:
+        raise ValueError(f"reuse_threshold must be >= 0 or None, got {reuse_threshold}")
     if draft_init not in DRAFT_INITS:
         raise ValueError(f"draft_init must be one of {DRAFT_INITS}, got {draft_init!r}")
-    if draft_q.shape != (B, L, W, hi - lo):
-        raise ValueError(f"draft_q must have shape {[B, L, W, hi - lo]}, got {list(draft_q.shape)}")
-    backend = resolve_backend(backend, logits.device)
-    out = _speculative_verify_op(
-        logits, lane_start, lane_drafts, lane_rule, lane_slot, lane_room, draft_tokens, draft_q,
-        u_accept, u_sample, init_tokens, float(cfg_scale), int(lo), int(hi), float(temperature),
-        int(top_k), float(top_p), -1.0 if reuse_threshold is None else float(reuse_threshold),
-        draft_init, -1 if eol_token_id is None else int(eol_token_id), int(row_slots), int(width), backend,
-    )
-    return VerifyResult(*out)
+    _checks.integer("row_slots", row_slots, low=1)
+    _checks.integer("width", width, low=1)
+    eol = -1
+    if eol_token_id is not None:
+        eol = _checks.integer("eol_token_id", eol_token_id, low=0)
+        if eol >= V or lo <= eol < hi:
+            raise ValueError(f"eol_token_id must be a vocabulary id in [0, {V}) outside image_token_range "
+                             f"{(lo, hi)}, got {eol}")
+        if row_slots != width + 1:
+            raise ValueError(f"with eol_token_id, row_slots must be width + 1 = {width + 1}, got {row_slots}")
+    if validate and not torch.compiler.is_compiling():  # a host read would break the graph
+        active = lane_start >= 0
+        image = (draft_tokens >= lo) & (draft_tokens < hi)
+        _checks.first_failure([
+            (f"lane_start must be -1 (not fed) or a fed lane's first input with lane_start + lane_drafts < N={N}",
+             (lane_start >= -1) & (~active | (lane_start + lane_drafts < N))),
+            (f"lane_drafts must lie in [0, W={W}]", (lane_drafts >= 0) & (lane_drafts <= W)),
+            (f"lane_rule must be TOP={TOP} or PREFIX={PREFIX}", (lane_rule == TOP) | (lane_rule == PREFIX)),
+            ("lane_slot must be >= 0", lane_slot >= 0),
+            ("lane_room must be >= 0", lane_room >= 0),
+            (f"draft_tokens must be image tokens in [{lo}, {hi})" + (f" or eol_token_id={eol}" if eol >= 0 else ""),
+             image | (draft_tokens == eol) if eol >= 0 else image),
+            (f"init_tokens must be image tokens in [{lo}, {hi})", (init_tokens >= lo) & (init_tokens < hi)),
+            ("u_accept must lie in [0, 1)", (u_accept >= 0) & (u_accept < 1)),
+            ("u_sample must lie in [0, 1)", (u_sample >= 0) & (u_sample < 1)),
+            ("draft_q must be finite and >= 0", torch.isfinite(draft_q) & (draft_q >= 0)),
+        ])
+    return lo, hi
