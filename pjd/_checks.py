@@ -15,9 +15,9 @@ import torch
 from pjd.cache import HIDDEN_POS
 from pjd.ops import _checks as ops_checks
 from pjd.ops._checks import MIN_TEMPERATURE, finite
+from pjd.rng import check_seed
 
 REUSE_AUTO = "auto"  # reuse_threshold default: 0.5 for pjd and sjd++, no reuse elsewhere
-SEED_RANGE = (0, 2**64)  # what torch.Generator.manual_seed accepts without wrapping
 
 
 def integer(name: str, value, *, optional: bool = False) -> None:
@@ -52,12 +52,15 @@ def check_settings(*, method, height, width, window, context, top_k, top_p, temp
             integer("image_token_range", bound)
     flag("progress", progress)
     flag("row_causal", row_causal)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a CPU torch.Generator or None, got {type(generator).__name__}")
+    if generator is not None:  # deprecated (generate warns): a seed is drawn from it
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a CPU torch.Generator or None, got {type(generator).__name__}")
+        if generator.device.type != "cpu":
+            raise ValueError(f"generator must be a CPU torch.Generator, got one on {generator.device}")
+        if seed is not None:
+            raise ValueError("pass either generator (deprecated) or seed, not both")
     if seed is not None:
-        integer("seed", seed)
-        if not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
-            raise ValueError(f"seed must lie in [0, 2**64), got {seed}")
+        check_seed(seed)
     if reuse_threshold is not None and not (isinstance(reuse_threshold, str) and reuse_threshold == REUSE_AUTO):
         finite("reuse_threshold", reuse_threshold)
         if method not in ("pjd", "sjd++"):

@@ -1,4 +1,5 @@
-"""Command line: `pjd demo` (the embedded default model) and `pjd generate` (a tiny random model)."""
+"""Command line: `pjd demo` (the embedded default model), `pjd generate` (a tiny random model),
+`pjd sample` (N images, sharded under torchrun, resumable) and `pjd eval` (their quality)."""
 from __future__ import annotations
 
 import argparse
@@ -109,7 +110,18 @@ def main(argv=None) -> int:
     gen.add_argument("--cache", choices=["slot", "append"], default="slot")
     gen.add_argument("--backend", default="auto", choices=list(BACKENDS))
 
+    from pjd import evaluate, sample
+
+    sample.add_arguments(sub.add_parser("sample", help="N images into a directory (PNG + npz), one process or torchrun"))
+    evaluate.add_arguments(sub.add_parser("eval", help="FID and class accuracy of a sample directory or npz"))
+
     args = parser.parse_args(argv)
+    if args.command in ("sample", "eval"):
+        verb = sample if args.command == "sample" else evaluate
+        try:
+            return verb.main(args)
+        except (sample.SampleError, evaluate.EvalError) as e:
+            parser.error(f"{args.command}: {e}")
     if args.command == "demo":
         from pjd.demo import run_demo
 

@@ -9,12 +9,14 @@
         commit(result)               tokens, cache states, lane frontiers
 
 State lives on the model's device; each step synchronises with the host once (the packed input
-width N and the cache length are shapes). Randomness is drawn on a CPU generator and moved to the
-device, so a seed gives the same tokens whatever the device, backend or cache layout.
+width N and the cache length are shapes). Randomness is counter-based per image (pjd.rng): image i's
+draws are a function of (seed, image_index[i], step, lane, slot) computed with int64 tensor ops on
+the device, so an image's tokens do not depend on its batch, the device, backend or cache layout.
 """
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +27,7 @@ from pjd.models.base import adapter_for
 from pjd.ops._backend import resolve_backend
 from pjd.ops.speculative_verify import PREFIX, TOP, VerifyResult, speculative_verify
 from pjd.plan import DecodePlan, make_plan
+from pjd.rng import DrawStream
 from pjd.sampling import sample_inverse_cdf, target_probs
 
 BIG = 1 << 30
@@ -73,7 +76,7 @@ def generate(model, input_ids, *, height, width, method="pjd", window=None, cont
              top_p=1.0, temperature=1.0, cfg_scale=1.0, uncond_input_ids=None, attention_mask=None,
              uncond_attention_mask=None, image_token_range=None, eol_token_id=None, draft_init="random",
              reuse_threshold="auto", cache="slot", backend="auto", generator=None, seed=None, progress=False,
-             row_causal=True) -> GenerationResult:
+             row_causal=True, image_index=None) -> GenerationResult:
     """Generate a height x width grid of image tokens per prompt.
 
     Args:
@@ -90,7 +93,12 @@ def generate(model, input_ids, *, height, width, method="pjd", window=None, cont
         draft_init: "random" | "repeat_left" (methods with drafts). reuse_threshold: pjd / sjd++
             draft reuse ("auto": 0.5; None: off); other methods take only "auto" or None.
         cache: "slot" | "append". backend: "auto" | "torch" | "triton" (attention and verification).
-        generator / seed: randomness (a CPU torch.Generator, or a seed for a fresh one).
+        seed: non-negative int below 2**64 (default 0). Image b draws its random numbers from its own
+            stream keyed by ``(seed, image_index[b])`` (pjd.rng), so its tokens are the same whatever
+            batch, batch position, rank or device decodes it.
+        image_index: int ``[B]`` (list or tensor) global index of each image in the run (default
+            ``arange(B)``); pass the indices of the images a batch holds when splitting a run.
+        generator: deprecated (DeprecationWarning); a seed is drawn from this CPU torch.Generator.
         row_causal: False lets drafts see other rows' drafts (the paper's ablation; pjd only).
 
     Every argument is checked before any decoding work (TypeError / ValueError naming it); the call
@@ -112,23 +120,37 @@ def generate(model, input_ids, *, height, width, method="pjd", window=None, cont
                      reuse_threshold=reuse_threshold, cache=cache, vocab_size=adapter.vocab_size,
                      row_causal=row_causal)
     backend = resolve_backend(backend, adapter.device)  # fail before any work if the backend cannot run here
-    if generator is not None and seed is not None:
-        raise ValueError("pass either generator or seed, not both")
-    if generator is None:
-        generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
-    elif generator.device.type != "cpu":
-        raise ValueError(f"generator must be a CPU torch.Generator (device-independent draws), got {generator.device}")
+    image_index = _image_index(image_index, input_ids.shape[0], adapter.device)
+    if generator is not None:
+        warnings.warn("generate(generator=...) is deprecated: pass seed= (per-image streams, pjd.rng)",
+                      DeprecationWarning, stacklevel=2)
+        seed = int(torch.randint(0, 2**62, (), generator=generator))
+    seed = 0 if seed is None else int(seed)  # checked by _checks.check_settings (pjd.rng.check_seed)
     with torch.no_grad():  # as transformers' generate: no autograd graph of the whole decode
         decoder = _Decoder(adapter, plan, input_ids, attention_mask, uncond_input_ids, uncond_attention_mask,
                            cfg_scale, dict(top_k=top_k, top_p=float(top_p), temperature=float(temperature)),
-                           draft_init, cache, backend, generator)
+                           draft_init, cache, backend, seed, image_index)
         return decoder.run(progress)
+
+
+def _image_index(image_index, B: int, device) -> torch.Tensor:
+    """int64 [B] on ``device``: the images' global indices (default 0..B-1), checked."""
+    if image_index is None:
+        return torch.arange(B, device=device)
+    index = torch.as_tensor(image_index)
+    if index.ndim != 1 or index.dtype.is_floating_point or index.dtype == torch.bool:
+        raise ValueError(f"image_index: expected integer [B], got {index.dtype} {tuple(index.shape)}")
+    if index.shape[0] != B:
+        raise ValueError(f"image_index: expected {B} indices (one per prompt), got {index.shape[0]}")
+    if index.numel() and int(index.min()) < 0:
+        raise ValueError("image_index: expected non-negative indices")
+    return index.long().to(device)
 
 
 class _Decoder:
     def __init__(self, adapter, plan: DecodePlan, input_ids, attention_mask, uncond_input_ids,
-                 uncond_attention_mask, cfg_scale, sampling, draft_init, cache, backend, generator):
-        self.adapter, self.plan, self.backend, self.generator = adapter, plan, backend, generator
+                 uncond_attention_mask, cfg_scale, sampling, draft_init, cache, backend, seed, image_index):
+        self.adapter, self.plan, self.backend = adapter, plan, backend
         self.sampling, self.draft_init, self.cfg_scale = sampling, draft_init, float(cfg_scale)
         device = self.device = adapter.device
         prompt, mask = self._prompts(input_ids, attention_mask, uncond_input_ids, uncond_attention_mask)
@@ -151,7 +173,8 @@ class _Decoder:
         self.lane_base = torch.tensor(plan.lane_base, device=device)
         self.lane_len = torch.tensor(plan.lane_len, device=device)
         self.n = torch.zeros(self.B, L, dtype=torch.long, device=device)
-        self.draft_tokens = self._random_tokens((self.B, L, W))
+        self.draws = DrawStream(seed, image_index, L, W, (plan.lo, plan.hi))
+        self.draft_tokens = self.draws.step(0)[2]
         self.draft_q = torch.nn.functional.one_hot(self.draft_tokens - plan.lo, plan.hi - plan.lo).float()
         self.scaffold_token = torch.full((self.B, L), -1, dtype=torch.long, device=device)  # -1: not taken yet
         if cache == "slot":
@@ -183,13 +206,6 @@ class _Decoder:
     def _mask(mask, ids):
         return torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
 
-    def _random_tokens(self, shape):
-        lo, hi = self.plan.lo, self.plan.hi
-        return torch.randint(lo, hi, shape, generator=self.generator).to(self.device)
-
-    def _uniform(self, shape):
-        return torch.rand(shape, generator=self.generator).to(self.device)
-
     # ------------------------------------------------------------------ the loop
     def run(self, progress: bool) -> GenerationResult:
         t0 = time.perf_counter()
@@ -207,7 +223,7 @@ class _Decoder:
                 if step is None:
                     break
                 logits = self.forward(step, result)
-                verdict = self.verify(logits, lanes, step)
+                verdict = self.verify(logits, lanes, step, self.draws.step(result.steps + 1))
                 accepted = self.commit(verdict, step)
                 result.steps += 1
                 result.accepted.append(accepted)
@@ -239,8 +255,10 @@ class _Decoder:
         counts = {True: torch.zeros(B, dtype=torch.long, device=device),  # image tokens committed per step
                   False: torch.ones(B, dtype=torch.long, device=device)}
         tokens = self.tokens.view(Bx // B, B, -1)  # cond and uncond rows share the image tokens
-        L, W = self.L, self.W
         undefined = torch.zeros(plan.lane_len[0], B, dtype=torch.bool, device=device)  # [step, image]
+        # Every step's one uniform at once (counter-based, so known upfront): loop step t is step t + 1
+        # of the general loop's numbering, and slot n + 0's sampling uniform there.
+        uniforms = self.draws.sample_uniform(torch.arange(1, plan.lane_len[0] + 1, device=device))  # [T, B, 1]
         for t in range(plan.lane_len[0]):
             raster = P - 1 + t
             pos.fill_(raster)
@@ -249,14 +267,11 @@ class _Decoder:
             logits = self.forward(Packed(inputs, self.tokens[:, raster:raster + 1], self.rope[:, raster:raster + 1]),
                                   result)
             # No cache.end(): begin() already wrote the key as committed, and it stays so.
-            # The reference's draws for this step, in its order (acceptance, samples, draft init).
-            self._uniform((B, L, W))
-            u = self._uniform((B, L, W + 1))[..., 0]  # [B, 1]: the draw of slot n + 0
-            self._random_tokens((B, L, W))
             forced = plan.eol_token_id is not None and t % plan.row_slots == plan.width
             if forced:
                 tokens[:, :, raster + 1] = plan.eol_token_id
             else:
+                u = uniforms[t]  # [B, 1]
                 p = target_probs(logits, num_images=B, cfg_scale=self.cfg_scale,
                                  image_token_range=(plan.lo, plan.hi), **self.sampling)
                 # p is NaN exactly where the target is undefined (pjd.sampling.undefined_rows).
@@ -435,14 +450,14 @@ class _Decoder:
                              "a NaN or +inf, or -inf for every image token, in the CFG-combined image-token logits "
                              "/ temperature; pjd cannot sample from them")
 
-    def verify(self, logits: torch.Tensor, lanes: Lanes, step: Packed):
-        """speculative_verify of the step. Lanes are independent in it, so the sdpa path verifies only
-        the lanes fed this step (gathered to the front, results scattered back): its work follows the
-        active rows, not the grid height. Both paths draw the same randomness, so tokens agree."""
+    def verify(self, logits: torch.Tensor, lanes: Lanes, step: Packed, draws):
+        """speculative_verify of the step with its per-image ``draws`` (DrawStream.step, all [B, L, ...]).
+        Lanes are independent in it, so the sdpa path verifies only the lanes fed this step (gathered to
+        the front with their draws, results scattered back): its work follows the active rows, not the
+        grid height. A lane sees the same draws on both paths, so tokens agree."""
         plan, B, L, W = self.plan, self.B, self.L, self.W
         lane = [step.lane_start.int(), lanes.drafts.int(), lanes.rule, (self.lane_base + self.n).int(),
-                lanes.room.int(), self.draft_tokens, self.draft_q,
-                self._uniform((B, L, W)), self._uniform((B, L, W + 1)), self._random_tokens((B, L, W))]
+                lanes.room.int(), self.draft_tokens, self.draft_q, *draws]
         compact = self.backend == "sdpa" and step.fed_lanes < L
         if compact:
             # The fed lanes of each image first (stable), then enough unfed ones to fill A columns.

@@ -166,3 +166,12 @@ def test_steps_per_image_chunks_and_statistics(tmp_path):
     assert row["steps_sem"] == pytest.approx(float(steps.std() / 2 ** 0.5))
     assert row["per_image_compression"] == pytest.approx(h * w / float(steps.mean()))
     assert row["nll_mean"] > 0 and out.exists()
+
+
+def test_batch_invariance_report_on_the_tiny_model(capsys):
+    import batch_invariance
+
+    out = batch_invariance.main(["--model", "tiny", "--batch", "3", "--method", "sjd"])
+    assert len(out["logit_max_abs_diff"]) == 3 and len(out["images"]) == 3
+    assert all(r["tokens_differing"] == 0 and r["steps_in_batch"] == r["steps_alone"] for r in out["images"])
+    assert "images with any token differing: 0/3" in capsys.readouterr().out

@@ -52,9 +52,7 @@ def test_greedy_methods_equal_ar(model, eol, cfg, grid, backend):
 @pytest.mark.parametrize("method,extra", [("sjd", {}), ("pjd", dict(context=5))])
 def test_greedy_batch_with_left_padding_matches_single(model, method, extra):
     """Ragged prompts and ragged acceptance: each image equals its own single-image AR run.
-
-    (With context < width, lower rows depend on when drafts get accepted, which depends on the
-    random draws; those are per batch, so only the exact settings are batch-invariant.)"""
+    (Batch invariance of sampled, non-exact settings: tests/test_rng.py.)"""
     ids = prompts(3, length=4, seed=3)
     mask = torch.ones_like(ids)
     mask[0, :2] = 0
@@ -82,7 +80,7 @@ def test_seed_reproducible_and_sensitive(model, method):
     kw = dict(height=4, width=6, method=method, top_k=8, temperature=0.9, eol_token_id=EOL, **cfg_args(ids))
     a = run(model, ids, seed=5, **kw)
     b = run(model, ids, seed=5, **kw)
-    c = run(model, ids, generator=torch.Generator().manual_seed(6), **kw)
+    c = run(model, ids, seed=6, **kw)
     assert torch.equal(a.tokens, b.tokens) and a.steps == b.steps
     assert not torch.equal(a.tokens, c.tokens)
     assert a.tokens.min() >= IMAGE[0] and a.tokens.max() < IMAGE[1]
@@ -104,18 +102,21 @@ def test_append_cache_equals_slot_cache(model, eol, method, extra, backend):
 
 
 def test_pjd_parallel_rows_take_fewer_steps(model):
-    ids = prompts(1)
+    # Mean steps per image over 8 prompts: on this random model one greedy image's count moves by a
+    # few steps with the draft initialisation's luck, the mean does not.
+    ids = prompts(8)
     kw = dict(height=6, width=8, top_k=1)
     ar = run(model, ids, method="ar", **kw)
     sjd = run(model, ids, method="sjd", **kw)
     pjd_ = run(model, ids, method="pjd", context=2, **kw)
     zipar = run(model, ids, method="zipar", context=2, **kw)
-    assert pjd_.steps < sjd.steps <= ar.steps
+    mean = {name: float(r.steps_per_image.double().mean()) for name, r in [("ar", ar), ("sjd", sjd), ("pjd", pjd_)]}
+    assert mean["pjd"] < mean["sjd"] <= mean["ar"]
     assert zipar.steps < ar.steps
     # Every image token is committed exactly once: per-step counts add up to the grid.
     for r in (ar, sjd, pjd_, zipar):
-        assert int(torch.stack(r.accepted).sum()) == 6 * 8
-        assert int(r.steps_per_image[0]) == r.steps
+        assert torch.stack(r.accepted).sum(0).tolist() == [6 * 8] * 8
+        assert int(r.steps_per_image.max()) == r.steps
 
 
 def test_row_causal_ablation_changes_the_mask(model):
@@ -185,7 +186,9 @@ def test_no_eol_scaffold_is_fixed_from_activation_until_the_row_above_completes(
         return step
 
     monkeypatch.setattr(engine._Decoder, "pack", spy)
-    run(model, prompts(1, seed=4), method="pjd", height=6, width=width, context=2, top_k=6, seed=2)
+    # The case is asserted below (rows starting early, the row above moving): it holds for 8 of the
+    # seeds 0-8 under the per-image streams of pjd.rng, not for seed 2.
+    run(model, prompts(1, seed=4), method="pjd", height=6, width=width, context=2, top_k=6, seed=3)
     moved = 0
     for lane in range(1, 6):
         open_steps = [s for s in seen if s[0] == lane and not s[3]]

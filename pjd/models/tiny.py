@@ -99,3 +99,38 @@ def tiny_emu3(codebook_size: int = 32, seed: int = 0):
                        hidden_size=32, num_attention_heads=1, **_VQ),
         vocabulary_map=vocab)
     return _seeded(Emu3ForConditionalGeneration, config, seed, lambda m: m.lm_head)
+
+
+class TinyClassModel:
+    """A tiny class-conditional image model with random weights, for smoke runs and tests of
+    ``pjd sample`` / ``pjd eval`` (its images say nothing about any real model).
+
+    The same interface as the default model: ids ``[0, K)`` are image tokens, ``K + c`` the class
+    token of class c, ``K + C`` the null class for CFG; token t decodes to a fixed RGB colour.
+    """
+
+    def __init__(self, *, classes: int = 4, codebook: int = 16, height: int = 8, width: int = 8, seed: int = 0,
+                 device: str | torch.device = "cpu"):
+        self.class_names = tuple(f"class{c}" for c in range(classes))
+        self.image_token_range = (0, codebook)
+        self.null_class_id = codebook + classes
+        self.height, self.width = height, width
+        self.model = tiny_llama(codebook + classes + 1, hidden_size=32, layers=2, heads=2, kv_heads=1,
+                                max_positions=height * width + 8, logit_scale=4.0, seed=seed).to(device)
+        self.colors = torch.randint(0, 256, (codebook, 3), dtype=torch.uint8,
+                                    generator=torch.Generator().manual_seed(seed))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def prompt(self, class_ids: torch.Tensor) -> torch.Tensor:
+        """Class indices ``[B]`` -> input ids ``[B, 1]``."""
+        return (torch.as_tensor(class_ids).long() + self.image_token_range[1])[:, None].to(self.device)
+
+    def null_prompt(self, batch: int) -> torch.Tensor:
+        return torch.full((batch, 1), self.null_class_id, dtype=torch.long, device=self.device)
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Image tokens ``[B, H, W]`` -> uint8 RGB ``[B, H, W, 3]`` on CPU."""
+        return self.colors[torch.as_tensor(tokens).long().cpu()]
