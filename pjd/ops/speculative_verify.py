@@ -43,7 +43,7 @@ import torch
 from pjd.sampling import sample_inverse_cdf, scaled_logits, target_probs, undefined_rows
 
 from . import _checks
-from ._backend import resolve_backend
+from ._backend import resolve_backend, triton_unsupported
 
 TOP = 0
 PREFIX = 1
@@ -233,7 +233,8 @@ def speculative_verify(
     lo, hi = _check_args(logits, lane_start, lane_drafts, lane_rule, lane_slot, lane_room, draft_tokens, draft_q,
                          u_accept, u_sample, init_tokens, image_token_range, cfg_scale, temperature, top_k, top_p,
                          reuse_threshold, draft_init, eol_token_id, row_slots, width, validate)
-    backend = resolve_backend(backend, logits.device)
+    backend = resolve_backend(backend, logits.device,
+                              lambda: triton_unsupported(("speculative_verify", draft_tokens.shape[-1], logits.dtype)))
     lanes = (logits, lane_start, lane_drafts, lane_rule, lane_slot, lane_room, draft_tokens, draft_q,
              u_accept, u_sample, init_tokens, float(cfg_scale))
     rules = (float(temperature), int(top_k), float(top_p), -1.0 if reuse_threshold is None else float(reuse_threshold),
