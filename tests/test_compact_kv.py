@@ -106,13 +106,32 @@ def test_backend_report_without_native_device():
         assert compact_kv_backend("cuda") == "torch"
 
 
-@pytest.mark.parametrize("op", ["pjd::compact_kv", "pjd::compact_kv_torch"])
-def test_opcheck(op):
-    """Schema (in-place mutation of caches and meta only), fake kernel, AOT dispatch."""
-    compact_kv_backend("cpu")  # loads pjd._C (and registers its fake kernel)
-    caches, keep, tail_start, dst_start, meta = random_case(2, 2, 20, 4, 6, 12, "near", 1, torch.float32, "cpu", 3)
+def _strided(t):
+    """t's values in every other element of a buffer twice its size (non-contiguous)."""
+    return torch.stack([t, torch.zeros_like(t)], -1)[..., 0]
+
+
+OPCHECK_INPUTS = {  # edits of (caches, keep, tail_start, dst_start, meta) that the ops accept
+    "contiguous": lambda a: a,
+    "strided_keep_and_dst_start": lambda a: (a[0], _strided(a[1]), a[2], _strided(a[3]), a[4]),
+    "transposed_keep": lambda a: (a[0], a[1].t().contiguous().t(), *a[2:]),
+    "int64_dst_start": lambda a: (*a[:3], a[3].long(), a[4]),  # the fallback's schema takes it; the C++ op refuses
+}
+OPCHECK_CASES = [(op, inputs) for op in ("pjd::compact_kv", "pjd::compact_kv_torch") for inputs in OPCHECK_INPUTS
+                 if (op, inputs) != ("pjd::compact_kv", "int64_dst_start")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("op,inputs", OPCHECK_CASES)
+def test_opcheck(op, inputs, dtype):
+    """Schema (in-place mutation of caches and meta only), fake kernel (contiguous int32 [B]), AOT dispatch."""
+    if op == "pjd::compact_kv" and compact_kv_backend("cpu") != "cpp":  # also loads pjd._C and its fake kernel
+        pytest.skip("the C++ op is not built (test_cpu_extension_is_built fails)")
+    args = OPCHECK_INPUTS[inputs](random_case(2, 2, 20, 4, 6, 12, "near", 1, dtype, "cpu", 3))
     packet = getattr(torch.ops.pjd, op.split("::")[1])
-    torch.library.opcheck(packet.default, (caches, keep, tail_start, dst_start, meta))
+    new_lengths = packet(*[[x.clone() for x in a] if isinstance(a, list) else a for a in args])
+    assert new_lengths.dtype == torch.int32 and new_lengths.shape == (2,) and new_lengths.is_contiguous()
+    torch.library.opcheck(packet.default, args)
 
 
 def _valid():

@@ -34,7 +34,7 @@ def compact_kv_reference(caches, keep, tail_start, dst_start, meta=()) -> torch.
         x[b_idx, :, dst] = x[b_idx, :, src]
     for m in meta:
         m[b_idx, dst] = m[b_idx, src]
-    return dst_start + keep.sum(1, dtype=torch.int32)
+    return dst_start.to(torch.int32) + keep.sum(1, dtype=torch.int32)
 
 
 @torch.library.custom_op("pjd::compact_kv_torch", mutates_args=("caches", "meta"))
@@ -46,7 +46,7 @@ def _compact_kv_torch(
 
 
 def _fake_new_lengths(caches, keep, tail_start, dst_start, meta):
-    return torch.empty_like(dst_start)
+    return dst_start.new_empty(dst_start.shape, dtype=torch.int32)  # contiguous int32, as every implementation
 
 
 _compact_kv_torch.register_fake(_fake_new_lengths)
