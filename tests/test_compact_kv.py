@@ -1,6 +1,7 @@
 """pjd.ops.compact_kv: every implementation equals the contract written as a per-sample Python loop."""
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -96,7 +97,7 @@ def test_other_element_sizes(dtype, backend):
 
 def test_cpu_extension_is_built():
     # The install builds pjd._C; if this fails, see the "pjd: building the optional extension" warning.
-    assert compact_kv_backend(torch.device("cpu")) == "cpp", _native_unavailable("cpu")
+    assert compact_kv_backend(torch.device("cpu")) == "cpp", _native_unavailable(torch.device("cpu"))
     assert compact_kv_backend("cpu") == "cpp"
 
 
@@ -104,6 +105,71 @@ def test_backend_report_without_native_device():
     assert compact_kv_backend("meta") == "torch"
     if not torch.cuda.is_available():
         assert compact_kv_backend("cuda") == "torch"
+
+
+class _FakeCudaExtension:
+    """pjd._C_cuda as its binary answers on a GPU of ``capability`` (sm_80 / sm_90 SASS, compute_90 PTX)."""
+
+    def __init__(self, capability):
+        self.capability, self.asked = capability, []
+
+    def kernel_image_error(self, index):
+        self.asked.append(index)
+        if self.capability >= (8, 0):
+            return None
+        return "cudaErrorNoKernelImageForDevice: no kernel image is available for execution on the device"
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """fake_gpu(name, capability) -> the fake pjd._C_cuda: CUDA device 0 (current) and 1, CUDA op built."""
+    module = sys.modules["pjd.ops.compact_kv"]  # pjd.ops.compact_kv is also the name of the function
+
+    def make(name, capability):
+        extension = _FakeCudaExtension(capability)
+        monkeypatch.setattr(module, "_extension_unavailable", lambda device_type: None)
+        monkeypatch.setitem(sys.modules, "pjd._C_cuda", extension)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: capability)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: name)
+        return extension
+
+    caches = (module._no_kernel_image, module._warn_fallback)
+    for cache in caches:
+        cache.cache_clear()
+    yield make
+    for cache in caches:
+        cache.cache_clear()
+
+
+def test_cuda_op_falls_back_where_it_has_no_kernel_image(fake_gpu):
+    """A T4 (7.5) is older than the gencode list: auto warns once and runs torch, native raises."""
+    from pjd.ops.compact_kv import _use_native
+
+    extension = fake_gpu("Tesla T4", (7, 5))
+    assert compact_kv_backend("cuda") == "torch"
+    assert extension.asked == [0]  # the current device
+    with pytest.warns(RuntimeWarning, match=r"fallback because pjd._C_cuda has no kernel image for cuda:1 "
+                                            r"\(Tesla T4, compute capability 7.5\): cudaErrorNoKernelImageForDevice"):
+        assert not _use_native("auto", torch.device("cuda", 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per device
+        assert not _use_native("auto", torch.device("cuda", 1))
+        assert not _use_native("torch", torch.device("cuda", 1))
+    with pytest.raises(RuntimeError, match=r"backend='native': .*cuda:1 \(Tesla T4, compute capability 7.5\)"):
+        _use_native("native", torch.device("cuda", 1))
+    assert extension.asked == [0, 1]  # asked once per device
+
+
+def test_cuda_op_runs_where_it_has_a_kernel_image(fake_gpu):
+    from pjd.ops.compact_kv import _use_native
+
+    fake_gpu("NVIDIA H100", (9, 0))
+    assert compact_kv_backend("cuda:0") == "cuda"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _use_native("auto", torch.device("cuda", 0)) and _use_native("native", torch.device("cuda", 0))
+        assert not _use_native("torch", torch.device("cuda", 0))
 
 
 def _strided(t):
