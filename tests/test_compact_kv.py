@@ -64,6 +64,7 @@ CASES = [  # B, H, S, D, T, tail_start, dst_mode, layers
     (2, 3, 30, 3, 30, 0, "equal", 1),  # the whole cache is the tail
     (2, 2, 16, 8, 0, 9, "far", 1),  # empty tail
     (3, 1, 300, 5, 101, 199, "far", 2),  # tail ends at S; rows of 5 elements (unaligned)
+    (2, 1, 12, 4, 5, 6, "near", 121),  # 245 tensors: more than one CUDA launch takes (240)
 ]
 
 
@@ -83,6 +84,27 @@ def test_matches_loop_reference(case, dtype, backend, device):
     for i, (got, want) in enumerate(zip(caches + meta, want_caches + want_meta)):
         assert torch.equal(got, want), f"tensor {i} differs from the loop reference"
     assert torch.equal(keep, keep_before) and torch.equal(dst_start, dst_before)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_replay():
+    """The CUDA op captured in a CUDA graph compacts what the tensors hold at replay time: the graph
+    reads nothing from host memory (the descriptors are kernel parameters)."""
+    static = random_case(2, 4, 40, 16, 10, 25, "near", 2, torch.float16, "cuda", seed=20)
+    caches, keep, tail_start, dst_start, meta = static
+    compact_kv(caches, keep, tail_start, dst_start, meta=meta, backend="native")  # loads the kernel
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        new_lengths = compact_kv(caches, keep, tail_start, dst_start, meta=meta, backend="native")
+    for seed in (21, 22):
+        fresh = random_case(2, 4, 40, 16, 10, 25, "near", 2, torch.float16, "cuda", seed=seed)
+        for x, y in zip([*caches, keep, dst_start, *meta], [*fresh[0], fresh[1], fresh[3], *fresh[4]]):
+            x.copy_(y)
+        want_caches, want_meta, want_lengths = loop_reference(caches, keep, tail_start, dst_start, meta)
+        graph.replay()
+        assert torch.equal(new_lengths.cpu(), want_lengths)
+        for i, (got, want) in enumerate(zip(caches + meta, want_caches + want_meta)):
+            assert torch.equal(got, want), f"replay with seed {seed}: tensor {i} differs from the loop reference"
 
 
 @pytest.mark.parametrize("backend", ["native", "torch"])
