@@ -109,6 +109,35 @@ def test_scale_default_and_explicit():
     assert not torch.allclose(default, draft_attention(q, k, v, *meta, scale=1.0, backend="torch"))
 
 
+def _permuted(t):
+    """t's values in reversed memory order (non-contiguous)."""
+    return t.transpose(0, -1).contiguous().transpose(0, -1)
+
+
+def _heads_second(t):
+    """[B, H, N, D] viewed from a [B, N, H, D] buffer, as transformers hands q, k and v over."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+LAYOUTS = {
+    "contiguous": lambda q, k, v, *meta: (q, k, v, *meta),
+    "hf": lambda q, k, v, *meta: (_heads_second(q), _heads_second(k), _heads_second(v), *meta),
+    "permuted": lambda *args: tuple(_permuted(t) for t in args),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("backend", ["torch", "sdpa"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_opcheck(dtype, backend, layout):
+    """Fake kernel == real output (q's dtype, q's shape, contiguous), schema, autograd and AOT dispatch."""
+    q, k, v, *meta = LAYOUTS[layout](*make_inputs(2, 4, 2, 5, 12, 16, dtype, "rows", seed=1))
+    args = (q, k, v, *meta, 0.25, backend)
+    out = torch.ops.pjd.draft_attention(*args)
+    assert out.dtype == dtype and out.shape == q.shape and out.is_contiguous()
+    torch.library.opcheck(torch.ops.pjd.draft_attention.default, args)
+
+
 # ---------------------------------------------------------------- (b) bad inputs
 def _good():
     return list(make_inputs(1, 4, 2, 3, 10, 64, torch.float16, "random", seed=0))

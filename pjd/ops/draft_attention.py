@@ -75,7 +75,7 @@ def _draft_attention_op(
 
 @_draft_attention_op.register_fake
 def _(q, k, v, q_pos, q_group, k_pos, k_group, scale, backend):
-    return q.new_empty(q.shape)  # contiguous, like both implementations
+    return q.new_empty(q.shape)  # contiguous, q's dtype: what torch, sdpa and triton return
 
 
 def draft_attention(q, k, v, q_pos, q_group, k_pos, k_group, *, scale=None, backend="auto"):
