@@ -111,13 +111,15 @@ def test_trained_tokenizer_round_trip_beats_untrained(trained_assets, fixture_di
 
     images = torch.from_numpy(load_fashion_mnist(fixture_dir, "test")[0])
     vq = load_tokenizer(trained_assets)
-    trained = psnr(vq.images(vq.encode(images)), images)
+    decoded = vq.images(vq.encode(images))
+    trained = psnr(decoded, images)
     torch.manual_seed(0)
     untrained = VQTokenizer(vq.config).eval()
     assert trained > psnr(untrained.images(untrained.encode(images)), images) + 5
-    # Re-encoding a decoded image gives mostly the same tokens (a stable round trip).
-    tokens = vq.encode(images)
-    assert (vq.encode(vq.images(tokens)) == tokens).double().mean() > 0.8
+    # A stable round trip: a decoded image is close to a fixed point of encode -> decode (re-encoding
+    # it changes it less than encoding the original did). Token agreement is no measure on this
+    # 60-step fixture: it spans 0.69-0.92 over training seeds, and the untrained tokenizer scores 0.98.
+    assert psnr(vq.images(vq.encode(decoded)), decoded) > trained
 
 
 def test_trained_gpt_loads_through_load_llamagen(trained_assets):
