@@ -315,7 +315,7 @@ def table1_main(args) -> dict:
 
     out = Path(args.out) / "e2e"
     out.mkdir(parents=True, exist_ok=True)
-    device = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    device = device_name(torch.device("cpu"))
     methods = [m for m in args.table1_methods.split(",") if m]
     rows = run_table1(default(), samples=args.table1_samples, batch=args.table1_batch, cfg_scale=args.cfg_scale,
                       seed=args.seed, out=out, device=device, methods=methods, minutes=args.table1_minutes)

@@ -221,3 +221,20 @@ def test_table1_rows_on_a_fixture_model(trained_assets, tmp_path):
     cut = run_table1(dm, samples=40, batch=10, cfg_scale=2.0, seed=0, out=tmp_path, device="cpu",
                      methods=["ar", "pjd"], minutes=0)
     assert [r["samples"] for r in cut] == [10] * 5
+
+
+def test_e2e_table1_command_runs(trained_assets, tmp_path, monkeypatch):
+    """`python benchmarks/e2e.py --table1 ...` end to end (on the fixture model: the command's own path)."""
+    import sys
+    from pathlib import Path
+
+    import pjd.models
+    from pjd.models import default
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import e2e
+
+    monkeypatch.setattr(pjd.models, "default", lambda: default(assets=trained_assets))
+    report = e2e.main(["--table1", "--table1-methods", "ar", "--table1-samples", "10", "--table1-batch", "10",
+                       "--out", str(tmp_path)])
+    assert report["device"].startswith("CPU (") and [r["method"] for r in report["rows"]] == ["ar"]
