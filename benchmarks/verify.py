@@ -13,8 +13,10 @@ temperature 1 as Lumina-mGPT samples):
 Before timing on CUDA, the Triton result is compared with the torch one (same tokens, close q):
 the script stops if they disagree.
 
-On CUDA: triton.testing.do_bench (median). On CPU (no GPU): only the torch reference, 1 thread,
-a few repeats; the Triton and FlashInfer columns read "not measured on this device".
+Every variant is timed after one untimed warm-up call on the same inputs (pjd.timing.time_ms), so
+Triton compilation is never timed. On CUDA: triton.testing.do_bench (median). On CPU (no GPU): only
+the torch reference, 1 thread, median of a few repeats; the Triton and FlashInfer columns read "not
+measured on this device".
 
 Usage: python benchmarks/verify.py [--out bench_out/verify] [--repeats 5] [--quick]
 """
@@ -23,15 +25,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from pjd.ops import TOP, PREFIX, speculative_verify
 from pjd.sampling import target_probs
+from pjd.timing import time_ms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention import device_name  # noqa: E402
@@ -116,22 +117,6 @@ def bytes_moved(vocab: int, lanes: int, logit_bytes: int) -> dict:
     return {"logits": logits, "q_io": q_io, "scratch": scratch, "total": logits + q_io + scratch}
 
 
-def time_cpu(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
-
-
-def time_cuda(fn) -> float:
-    from triton.testing import do_bench
-
-    return do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
 def run_case(vocab: int, lanes: int, device, dtype, repeats: int) -> dict:
     x = make_inputs(vocab, lanes, device, dtype)
     row = {"vocab": vocab, "lanes": lanes, "window": WINDOW, "cfg": True, "dtype": str(dtype),
@@ -151,7 +136,7 @@ def run_case(vocab: int, lanes: int, device, dtype, repeats: int) -> dict:
         if name in notes:
             row[f"{name}_ms"], row[f"{name}_note"] = float("nan"), notes[name]
         else:
-            row[f"{name}_ms"] = time_cuda(fns[name]) if device.type == "cuda" else time_cpu(fns[name], repeats)
+            row[f"{name}_ms"], _ = time_ms(fns[name], device, repeats)
     return row
 
 
