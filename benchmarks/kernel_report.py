@@ -129,6 +129,7 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    parser.add_argument("--summary", action="store_true", help="one row per (kernel, arch) instead of per variant")
     parser.add_argument("--groups", default=",".join(GROUPS), help=f"comma-separated subset of {list(GROUPS)}")
     parser.add_argument("--archs", default=",".join(map(str, ARCHS)), help="comma-separated compute capabilities")
     args = parser.parse_args(argv)
@@ -144,6 +145,14 @@ def main(argv=None) -> int:
                 problems += [f"sm_{arch} {v.kernel}: {p}" for p in v.problems()]
     if args.json:
         print(json.dumps(rows, indent=1))
+    elif args.summary:
+        print("| kernel | arch | variants | launches | max regs | spill B | max smem B (limit) |")
+        print("|---|---|---:|---:|---:|---:|---:|")
+        for kernel, arch in sorted({(r["kernel"], r["arch"]) for r in rows}):
+            mine = [r for r in rows if (r["kernel"], r["arch"]) == (kernel, arch)]
+            print(f"| {kernel} | {arch} | {len(mine)} | {sum(r['launches'] for r in mine)} "
+                  f"| {max(r['regs'] for r in mine)} | {sum(r['spill_bytes'] for r in mine)} "
+                  f"| {max(r['smem_bytes'] for r in mine)} ({SMEM_LIMIT[int(arch[3:])]}) |")
     else:
         print("| group | kernel | arch | data | specialised | warps | stages | regs | spill B | smem B (limit) | launches |")
         print("|---|---|---|---|---|---:|---:|---:|---:|---:|---:|")

@@ -95,16 +95,32 @@ def flashinfer_variant(x: dict):
     return run, ""
 
 
-def check(x: dict) -> None:
-    """The Triton op against the reference on the same inputs; raises if they disagree."""
-    ref, out = run_op(x, "torch"), run_op(x, "triton")
-    committed = torch.arange(WINDOW + 1, device=x["logits"].device) < ref.num_commit[..., None]
-    same = (torch.equal(ref.num_accepted, out.num_accepted) and torch.equal(ref.num_commit, out.num_commit)
-            and torch.equal(ref.commit_tokens[committed], out.commit_tokens[committed])
-            and torch.equal(ref.next_tokens, out.next_tokens)
-            and torch.allclose(ref.next_q, out.next_q, rtol=1e-4, atol=1e-6))
-    if not same:
-        raise RuntimeError("triton disagrees with the torch reference; refusing to time it")
+# The numerics contract (docs/kernels.md): tokens may differ from the reference's only where a uniform
+# lands within ~1e-7 relative of a CDF boundary, so agreement is checked over many draws, not bitwise.
+AGREEMENT = 0.999
+DRAWS = 256
+
+
+def check(x: dict, draws: int = DRAWS) -> None:
+    """The Triton op against the reference on the same inputs and ``draws`` fresh sets of uniforms;
+    raises unless at least AGREEMENT of the (draw, lane) outcomes -- accepted count, committed tokens,
+    next drafts -- agree, and next_q agrees wherever the outcome does."""
+    g = torch.Generator().manual_seed(1)
+    device = x["logits"].device
+    agree = total = 0
+    for _ in range(draws):
+        y = {**x, **{k: torch.rand(x[k].shape, generator=g).to(device) for k in ("u_accept", "u_sample")}}
+        ref, out = run_op(y, "torch"), run_op(y, "triton")
+        committed = torch.arange(WINDOW + 1, device=device) < ref.num_commit[..., None]
+        same = ((ref.num_accepted == out.num_accepted) & (ref.num_commit == out.num_commit)
+                & ((ref.commit_tokens == out.commit_tokens) | ~committed).all(-1)
+                & (ref.next_tokens == out.next_tokens).all(-1))
+        if not torch.allclose(ref.next_q[same], out.next_q[same], rtol=1e-4, atol=1e-6):
+            raise RuntimeError("triton's next_q disagrees with the torch reference; refusing to time it")
+        agree, total = agree + int(same.sum()), total + same.numel()
+    if agree < AGREEMENT * total:
+        raise RuntimeError(f"triton agrees with the torch reference on {agree} of {total} lane outcomes "
+                           f"(< {AGREEMENT:.1%}); refusing to time it")
 
 
 def bytes_moved(vocab: int, lanes: int, logit_bytes: int) -> dict:

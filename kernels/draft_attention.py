@@ -254,12 +254,12 @@ CONFIGS = {
     (16, 2): _T(64, 64, 4, 3), (32, 2): _T(64, 64, 4, 3), (64, 2): _T(64, 64, 4, 3),
     (128, 2): _T(64, 64, 8, 3), (256, 2): _T(32, 32, 8, 2),
     (16, 4): _T(32, 32, 4, 2), (32, 4): _T(32, 32, 4, 3), (64, 4): _T(32, 32, 4, 2),
-    (128, 4): _T(32, 32, 8, 2), (256, 4): _T(16, 16, 8, 2),
+    (128, 4): _T(32, 32, 8, 2), (256, 4): _T(16, 16, 4, 2),
 }
 # Head dims that are not a power of two (D < BLOCK_D) load with a per-element dim mask, which costs
 # registers: from BLOCK_D = 128 up these take smaller tiles (the others stay spill-free as they are).
 RAGGED_CONFIGS = {
-    (128, 2): _T(32, 64, 8, 3), (256, 2): _T(32, 16, 8, 2),
+    (128, 2): _T(32, 64, 8, 3), (256, 2): _T(32, 16, 8, 2), (256, 4): _T(16, 16, 8, 2),
 }
 # Compile options of every launch: FP contraction on (the outputs are compared with a tolerance;
 # FMAs are faster and no less accurate). Said explicitly: Triton 3.10 changes the default.

@@ -5,8 +5,11 @@ pays for lazy imports, allocator growth and library handles. None of that is dec
 figure in seconds always comes from a call whose configuration already ran once, untimed:
 
 - ``WarmUp``: for whole decodes (``pjd.generate``, the hf baseline). Before the first call of a
-  configuration it runs the identical call once, untimed (same model, method, settings, seed and
-  batch, so the same shapes reach the same kernels; progress bar off). A configuration is
+  configuration it runs the identical call once, untimed, wherever Triton kernels run (same
+  model, method, settings, seed and batch, so the same shapes reach the same kernel variants;
+  progress bar off). Where nothing is compiled (the sdpa / torch paths, the hf baseline on a CPU)
+  the warm-up decodes one row of the grid with the same settings: that pays every first-call cost
+  (imports, allocations, library handles) without doubling the run. A configuration is
   everything but ``seed``, ``image_index`` and ``progress``: tensors by shape, dtype and device,
   other arguments by value; later calls that differ only in those (the next chunk of a sample run)
   are not warmed again. Randomness must come from ``seed`` (per-image streams: the warm-up leaves
@@ -62,16 +65,34 @@ class WarmUp:
 
     def generate(self, model, input_ids, **kwargs):
         """``pjd.generate(model, input_ids, **kwargs)``, its configuration warmed up first."""
-        self("pjd.generate", lambda *a, **k: pjd.generate(*a, **{**k, "progress": False}), model, input_ids,
-             **kwargs)
+        def warm(model, input_ids, **kw):
+            pjd.generate(model, input_ids, **{**_warm_settings(model, kw, kw.get("backend", "auto")), "progress": False})
+
+        self("pjd.generate", warm, model, input_ids, **kwargs)
         return pjd.generate(model, input_ids, **kwargs)
 
     def hf_generate(self, model, input_ids, **kwargs):
         """``pjd.baseline.hf_generate(model, input_ids, **kwargs)``, its configuration warmed up first."""
         from pjd import baseline
 
-        self("hf_generate", baseline.hf_generate, model, input_ids, **kwargs)
+        self("hf_generate", lambda m, ids, **kw: baseline.hf_generate(m, ids, **_warm_settings(m, kw, "torch")),
+             model, input_ids, **kwargs)
         return baseline.hf_generate(model, input_ids, **kwargs)
+
+
+def _compiles(model, backend: str) -> bool:
+    """Whether a decode of ``model`` with ``backend`` runs Triton kernels (compiled on first use)."""
+    from pjd.models.base import adapter_for
+    from pjd.ops._backend import resolve_backend, triton_interpreting
+
+    return (backend != "torch" and not triton_interpreting()
+            and resolve_backend(backend, adapter_for(model).device) == "triton")
+
+
+def _warm_settings(model, kwargs: dict, backend: str) -> dict:
+    """The warm-up call's settings: the timed call's own where Triton kernels compile on first use;
+    one row of the grid (same everything else) where nothing compiles."""
+    return kwargs if _compiles(model, backend) else {**kwargs, "height": 1}
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, float]:

@@ -221,6 +221,19 @@ def test_warm_up_runs_each_configuration_once_and_refuses_a_generator(lm):
         warm.generate(lm, ids, generator=torch.Generator(), **kw)
 
 
+def test_warm_up_where_nothing_compiles_decodes_one_row(lm, monkeypatch):
+    """CPU / sdpa: nothing is compiled, so the warm-up is one row of the same decode, not the whole."""
+    from pjd import timing
+
+    heights, real = [], pjd.generate
+    monkeypatch.setattr(pjd, "generate", lambda *a, **k: heights.append(k["height"]) or real(*a, **k))
+    kw = dict(height=3, width=2, image_token_range=(0, 32), method="pjd", seed=0)
+    with torch.no_grad():
+        timing.WarmUp().generate(lm, torch.tensor([[32]]), **kw)
+    assert heights == [1, 3]
+    assert timing._compiles(lm, "auto") is False and timing._compiles(lm, "sdpa") is False
+
+
 def test_e2e_times_only_warmed_configurations(compile_on_first_call):
     bench = e2e.Bench("tiny", batch=1, seed=0, cfg_scale=3.0)
     bench.height = bench.width = 4  # a small grid: only the order of calls matters here

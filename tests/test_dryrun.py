@@ -39,8 +39,11 @@ def test_matrix_compiles_without_spills(group, arch):
     run = kernel_report.compile_group(group, arch)
     run.check()
     assert run.count() > 0
-    if group in ("generate", "ops"):
-        assert {v.kernel for v in run.variants.values()} == KERNELS
+    compiled = {v.kernel for v in run.variants.values()}
+    if group == "ops":
+        assert compiled == KERNELS
+    if group == "generate":  # short caches: no split-KV, so no combine
+        assert compiled == KERNELS - {"_draft_attention_combine"}
 
 
 def test_batch_one_and_window_one_specialise_and_compile():
@@ -103,3 +106,25 @@ def test_dry_run_restores_everything():
     assert _backend.DRY_RUN_ARCH is None
     with pytest.raises(ValueError, match="backend='triton' got tensors on cpu"):
         _backend.resolve_backend("triton", torch.device("cpu"))
+
+
+def test_shapes_the_kernels_cannot_serve_fall_back_under_auto_and_raise_under_triton(monkeypatch):
+    import warnings
+
+    from pjd.ops import _backend, draft_attention
+
+    q = torch.randn(1, 2, 3, 300)
+    meta = torch.zeros(1, 3, dtype=torch.int32)
+    with torch.no_grad(), dry_run(90):
+        with pytest.raises(ValueError, match="head dims D in \\[1, 256\\], got D=300"):
+            draft_attention(q, q, q, meta, meta, meta, meta - 1, backend="triton")
+        with pytest.raises(ValueError, match="D=300"):  # the engine asks before any decoding work
+            kernel_report._generate(kernel_report._model(head_dim=300), method="ar")
+    monkeypatch.setattr(_backend, "_warned", set())
+    reason = "draft_attention's triton kernel supports head dims D in [1, 256], got D=300"
+    with pytest.warns(RuntimeWarning, match="runs the sdpa path instead of the Triton kernels: .*D=300"):
+        assert _backend.resolve_backend("auto", torch.device("cuda"), lambda: reason) == "sdpa"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per reason
+        assert _backend.resolve_backend("auto", torch.device("cuda"), lambda: reason) == "sdpa"
+    assert _backend.resolve_backend("auto", torch.device("cuda"), lambda: None) == "triton"
