@@ -20,6 +20,8 @@ attention; image vocabularies 300, 8,192, 16,384, 65,536 and 65,537.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import sys
 import tempfile
@@ -108,7 +110,7 @@ def group_demo():
     """`pjd demo`'s full-size configuration (embedded default model, batch 10, CFG 3, ar / sjd / pjd)."""
     from pjd.demo import run_demo
 
-    with tempfile.TemporaryDirectory() as out:
+    with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(io.StringIO()):  # keep the report clean
         run_demo(backend="triton", out=out, progress=False, hf=False)
 
 
