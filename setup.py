@@ -9,7 +9,8 @@ Native extensions (csrc/), both optional: pjd works without them through pure-to
   PJD_FORCE_CUDA=1; it cannot be linked against a CPU-only torch.
 A failed extension build does not fail the install: it prints a warning (pip shows it with -v)
 and pjd falls back to torch for that op (pjd.ops.compact_kv_backend(device) says which
-implementation runs; backend="native" raises with the reason). PJD_NO_EXT=1 skips both builds.
+implementation runs; backend="native" raises with the reason). So does a GPU the CUDA kernel
+has no image for (see the gencode list below). PJD_NO_EXT=1 skips both builds.
 """
 import os
 import sys
@@ -55,6 +56,10 @@ def native_extensions():
     exts = [CppExtension("pjd._C", ["csrc/compact_kv_cpu.cpp"], extra_compile_args=flags,
                          extra_link_args=["-fopenmp"])]
     if torch.version.cuda or os.environ.get("PJD_FORCE_CUDA") == "1":
+        # SASS for 8.x (sm_80 runs on 8.0-8.9) and 9.0, PTX that the driver JITs for >= 9.0. This
+        # list is the one source of truth for the GPUs the op runs on: pjd.ops.compact_kv asks the
+        # built binary (cudaFuncGetAttributes) whether it has an image for the device, and runs the
+        # torch fallback, with a warning, where it has none (e.g. T4 7.5, V100 7.0).
         arch = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
                 "-gencode=arch=compute_90,code=compute_90"]
         try:  # CUDAExtension itself raises without a CUDA toolkit (CUDA_HOME)

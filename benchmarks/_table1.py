@@ -7,7 +7,9 @@ i % 10) in the same chunks with the same seeds, the rows interleaved chunk by ch
 (CPU here: labelled with the device), FID against the test split and class accuracy (the shipped
 classifier, pjd.quality) each with a 95% percentile-bootstrap interval, and the model's own NLL per
 token (mean ± standard error). The JSON is rewritten after every chunk round, so a run cut short
-(or stopped by its time budget) keeps every row at the same sample count.
+(or stopped by its time budget) keeps every row at the same sample count. Wall seconds are those of
+the timed decodes only: each row's configuration (and a smaller last chunk's) runs once untimed
+first (pjd.timing.WarmUp; listed under "warm_up" in the JSON), so compilation is never counted.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-import pjd
+from pjd.timing import WarmUp
 
 
 def table1_rows(width: int, contexts=None) -> list[tuple[str, dict]]:
@@ -36,15 +38,15 @@ class Row:
         self.method, self.kw = method, kw
         self.tokens, self.steps, self.nll, self.seconds = [], [], [], 0.0
 
-    def decode_chunk(self, dm, labels: torch.Tensor, *, cfg_scale: float, seed: int) -> None:
+    def decode_chunk(self, dm, labels: torch.Tensor, *, cfg_scale: float, seed: int, warm: WarmUp) -> None:
         from pjd.quality import nll_per_token
 
         prompt = dm.prompt(labels)
         with torch.no_grad():
-            r = pjd.generate(dm.model, prompt, height=dm.height, width=dm.width, method=self.method,
-                             image_token_range=dm.image_token_range, cfg_scale=cfg_scale,
-                             uncond_input_ids=dm.null_prompt(len(labels)) if cfg_scale != 1 else None,
-                             seed=seed, progress=False, **self.kw)
+            r = warm.generate(dm.model, prompt, height=dm.height, width=dm.width, method=self.method,
+                              image_token_range=dm.image_token_range, cfg_scale=cfg_scale,
+                              uncond_input_ids=dm.null_prompt(len(labels)) if cfg_scale != 1 else None,
+                              seed=seed, progress=False, **self.kw)
         self.seconds += r.wall_seconds
         self.tokens.append(r.tokens.cpu())
         self.steps.append(r.steps_per_image.double().cpu())
@@ -77,16 +79,17 @@ def run_table1(dm, *, samples: int, batch: int, cfg_scale: float, seed: int, out
                          f"got samples={samples}, batch={batch}")
     labels = torch.arange(samples) % len(dm.class_names)
     rows = [Row(m, kw) for m, kw in table1_rows(dm.width, contexts) if not methods or m in methods]
-    start, summaries = time.time(), []
+    start, summaries, warm = time.time(), [], WarmUp()
     for i, first in enumerate(range(0, samples, batch)):
         for row in rows:
-            row.decode_chunk(dm, labels[first:first + batch], cfg_scale=cfg_scale, seed=seed + i)
+            row.decode_chunk(dm, labels[first:first + batch], cfg_scale=cfg_scale, seed=seed + i, warm=warm)
         summaries = [row.summary(dm, labels, seed=seed) for row in rows]
         ar = next((r["seconds"] for r in summaries if r["method"] == "ar"), None)
         for r in summaries:
             r["speedup"] = ar / r["seconds"] if ar else None
         (out / "table1.json").write_text(json.dumps(dict(device=device, samples=summaries[0]["samples"], batch=batch,
-                                                         cfg_scale=cfg_scale, seed=seed, rows=summaries), indent=2))
+                                                         cfg_scale=cfg_scale, seed=seed, rows=summaries,
+                                                         warm_up=warm.log), indent=2))
         torch.save({f"{r.method}{r.kw.get('context', '')}": torch.cat(r.tokens).short() for r in rows},
                    out / "table1_tokens.pt")
         print(f"round {i}: {summaries[0]['samples']} images per row, {time.time() - start:.0f}s", flush=True)

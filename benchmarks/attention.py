@@ -20,9 +20,11 @@ raster position; the prompt and finished rows committed (-1); active rows commit
 column, then this step's drafts (group = row), then empty (-2); the unconditional CFG sequence's
 prompt is left-padded (-2) for half its length. Keys end at the step's last query position.
 
-On CUDA: triton.testing.do_bench (median; warm-up; inputs rotated over copies larger than L2) and
+Every timed figure (each variant, the BlockMask build, the copy bandwidth) comes after one untimed
+warm-up call of the same callable on the same shapes (pjd.timing.time_ms), so compilation is never
+timed. On CUDA: triton.testing.do_bench (median; inputs rotated over copies larger than L2) and
 achieved bandwidth against the measured device copy bandwidth. On CPU (no GPU): only the CPU-capable
-variants, at scaled-down head counts (flagged in the table), 1 thread, a few repeats.
+variants, at scaled-down head counts (flagged in the table), 1 thread, median of a few repeats.
 
 Usage: python benchmarks/attention.py [--out bench_out] [--quick] [--repeats 5]
     [--docs]   # write the table into docs/performance.md (block attention-cpu / attention-cuda)
@@ -34,9 +36,7 @@ import csv
 import itertools
 import json
 import platform
-import statistics
 import sys
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from pjd.ops import draft_attention, visibility_mask
+from pjd.timing import time_ms
 
 COMMITTED, HIDDEN = -1, -2
 
@@ -234,30 +235,17 @@ def check(case: Case, x: dict, run: dict) -> dict:
     return errs
 
 
-def time_cpu(fn, inputs: list[dict], repeats: int) -> float:
-    fn(inputs[0])  # warm-up
-    times = []
-    for i in range(repeats):
-        t = time.perf_counter()
-        fn(inputs[i % len(inputs)])
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
-
-
-def time_cuda(fn, inputs: list[dict]) -> float:
-    from triton.testing import do_bench
-
+def time_rotating(fn, inputs: list[dict], device, repeats: int) -> float:
+    """Median ms of ``fn`` called on the input copies in turn (pjd.timing.time_ms: warm-up first)."""
     turn = itertools.count()
-    return do_bench(lambda: fn(inputs[next(turn) % len(inputs)]), warmup=25, rep=100, return_mode="median")
+    return time_ms(lambda: fn(inputs[next(turn) % len(inputs)]), device, repeats)[0]
 
 
 def copy_bandwidth(device) -> float:
     """Device memory bandwidth (bytes/s) measured by copying a 1 GiB tensor (read + write)."""
-    from triton.testing import do_bench
-
     src = torch.empty(1 << 29, dtype=torch.float16, device=device)
     dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), return_mode="median")
+    ms, _ = time_ms(lambda: dst.copy_(src), device, repeats=5)
     return 2 * src.numel() * src.element_size() / (ms * 1e-3)
 
 
@@ -299,15 +287,9 @@ def run_case(case: Case, device, dtype, repeats: int) -> dict:
         if name in skip:
             row[f"{name}_ms"], row[f"{name}_note"] = float("nan"), skip[name]
             continue
-        fn = run[name]
-        row[f"{name}_ms"] = time_cuda(fn, inputs) if device.type == "cuda" else time_cpu(fn, inputs, repeats)
+        row[f"{name}_ms"] = time_rotating(run[name], inputs, device, repeats)
         row[f"{name}_maxdiff_vs_pjd"] = errs[name]
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    t = time.perf_counter()
-    flex_block_mask(x)
-    sync()
-    row["flex_mask_ms"] = (time.perf_counter() - t) * 1e3
+    row["flex_mask_ms"], _ = time_ms(lambda: flex_block_mask(x), device, repeats)
     return row
 
 

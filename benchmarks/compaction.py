@@ -4,6 +4,8 @@ pure-torch fallback (a gather + scatter per tensor), at real model shapes.
 Default shapes: a 32-layer model (K and V: 64 tensors) with 32 KV heads of dim 128, a cache of
 2,400 tokens, CFG batch 2, tails of 50 and 100 entries of which about half are kept, ragged
 destinations a few entries below the tail. Prints a table and writes <out>/compaction.json.
+Each backend is timed after one untimed warm-up call on the same tensors (pjd.timing.time_ms; on
+CUDA triton.testing.do_bench), so first-call costs are never timed.
 
     python benchmarks/compaction.py --out bench_out/compaction            # CPU, 1 thread
     python benchmarks/compaction.py --devices cpu,cuda --out bench_out/compaction
@@ -13,13 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
 from pjd.ops import compact_kv, compact_kv_backend
+from pjd.timing import time_ms
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -51,24 +52,7 @@ def make_case(args, dtype, tail, device, seed):
     return caches, keep.to(device), tail_start, dst_start.to(device), meta
 
 
-def time_ms(fn, device, repeats, warmup=2):
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), min(times)
-
-
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder for compaction.json")
     parser.add_argument("--devices", default="cpu", help="comma list: cpu,cuda")
@@ -81,7 +65,7 @@ def main():
     parser.add_argument("--batch", type=int, default=2, help="2 = one image with CFG")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (shared machine: 1)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.tails = [int(t) for t in args.tails.split(",")]
     torch.set_num_threads(args.threads)
 
@@ -89,7 +73,7 @@ def main():
     header = (f"{'device':<6} {'dtype':<5} {'T':>4} {'kept':>9} {'native':>6} {'native ms':>10} "
               f"{'torch ms':>9} {'speed-up':>8} {'native GB/s':>11}")
     print(f"{2 * args.layers} tensors [B={args.batch}, H={args.heads}, S={args.cache}+tail, D={args.head_dim}], "
-          f"median of {args.repeats}, torch threads {args.threads}")
+          f"median of {args.repeats} calls (CUDA: triton do_bench) after a warm-up call, torch threads {args.threads}")
     print(header)
     for dev in args.devices.split(","):
         device = torch.device(dev)

@@ -11,6 +11,9 @@ Sections (each prints a table; everything is saved as JSON, plus PNG plots):
   topk      pjd vs ar over top-k
   cfg       pjd vs ar over the CFG scale
   ablation  pjd with and without the row-causal mask
+Every timed call (each method's configuration, each hf mode) follows one untimed warm-up call of
+the same configuration (pjd.timing.WarmUp: same settings, seed and batch), so kernel compilation and
+first-call costs are never counted; the JSON lists the warmed configurations under "warm_up".
 Quality: mean NLL per token of the samples under the model itself (teacher-forced), the shipped
 classifier's accuracy on the requested classes and, for batches of >= 100 images
 (pjd.demo.FID_MIN_IMAGES), FID against the Fashion-MNIST test split (pjd.quality).
@@ -36,8 +39,8 @@ from pathlib import Path
 
 import torch
 
-import pjd
 from pjd.demo import FID_MIN_IMAGES, device_name
+from pjd.timing import WarmUp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import line_chart, update_docs  # noqa: E402
@@ -68,29 +71,28 @@ class Bench:
             self.decode = None
         self.labels = torch.arange(batch) % 10
         self.batch, self.seed, self.cfg_scale = batch, seed, cfg_scale
+        self.warm = WarmUp()
 
-    def generate(self, method: str, **kw):
+    def generate(self, method: str, cfg_scale: float | None = None, **kw):
+        """pjd.generate on the bench's prompts, after a warm-up call of this configuration."""
+        cfg = self.cfg_scale if cfg_scale is None else cfg_scale
         with torch.no_grad():
-            return pjd.generate(self.model, self.prompt, height=self.height, width=self.width, method=method,
-                                image_token_range=self.image_range, cfg_scale=self.cfg_scale,
-                                uncond_input_ids=self.null if self.cfg_scale != 1 else None, seed=self.seed, **kw)
+            return self.warm.generate(self.model, self.prompt, height=self.height, width=self.width, method=method,
+                                      image_token_range=self.image_range, cfg_scale=cfg,
+                                      uncond_input_ids=self.null if cfg != 1 else None, seed=self.seed, **kw)
 
     def hf(self, cfg_mode: str):
-        from pjd.baseline import hf_generate
-
-        return hf_generate(self.model, self.prompt, height=self.height, width=self.width,
-                           image_token_range=self.image_range, cfg_scale=self.cfg_scale,
-                           uncond_input_ids=self.null if self.cfg_scale != 1 else None, seed=self.seed,
-                           cfg_mode=cfg_mode)
+        """hf_generate on the bench's prompts, after a warm-up call of this configuration."""
+        return self.warm.hf_generate(self.model, self.prompt, height=self.height, width=self.width,
+                                     image_token_range=self.image_range, cfg_scale=self.cfg_scale,
+                                     uncond_input_ids=self.null if self.cfg_scale != 1 else None, seed=self.seed,
+                                     cfg_mode=cfg_mode)
 
     def run(self, method: str, **kw) -> dict:
         from pjd.quality import class_accuracy, classifier_features, fid, nll_per_token
 
         cfg = kw.pop("cfg_scale", self.cfg_scale)
-        with torch.no_grad():
-            r = pjd.generate(self.model, self.prompt, height=self.height, width=self.width, method=method,
-                             image_token_range=self.image_range, cfg_scale=cfg,
-                             uncond_input_ids=self.null if cfg != 1 else None, seed=self.seed, **kw)
+        r = self.generate(method, cfg, **kw)
         nll = nll_per_token(self.model, r.tokens, self.prompt, image_token_range=self.image_range)
         row = dict(method=method, **{k: v for k, v in kw.items()}, cfg_scale=cfg, steps=r.steps,
                    step_compression=self.height * self.width / r.steps,
@@ -148,9 +150,7 @@ def speed_section(bench: "Bench", methods: list[str], repeats: int, hf_modes: li
     cells = {f"hf-{m}": (lambda m=m: bench.hf(m)[1]) for m in hf_modes}
     cells.update({m: (lambda m=m: bench.generate(m).wall_seconds) for m in methods})
     order = [m for m in methods if m == "ar"] + list(cells)[:len(hf_modes)] + [m for m in methods if m != "ar"]
-    for name in order:  # warm-up (first-call allocations, lazy imports), not timed
-        cells[name]()
-    times = {name: [] for name in order}
+    times = {name: [] for name in order}  # each cell's first call warms it up first (bench.warm), untimed
     for _ in range(repeats):
         for name in order:
             times[name].append(cells[name]() / bench.batch)
@@ -249,8 +249,9 @@ def main(argv=None) -> dict:
             f"{','.join(sections)}`; device: {device}; grid {bench.height}x{w}, batch {args.batch}, "
             f"CFG {args.cfg_scale}, seed {args.seed}. `step_compression` = AR steps / forward passes of the batch "
             f"(the slowest image sets them); `per_image_compression` = AR steps / mean steps each image needed "
-            f"(the paper's batch-1 figure); `nll_sem` = standard error of the mean NLL over the images. Wall seconds are CPU times: per-step compute on a CPU grows with the "
-            f"inputs per step, so they say nothing about GPU latency.\n")
+            f"(the paper's batch-1 figure); `nll_sem` = standard error of the mean NLL over the images. Every timed "
+            f"call follows an untimed warm-up call of its configuration. Wall seconds are CPU times: per-step compute "
+            f"on a CPU grows with the inputs per step, so they say nothing about GPU latency.\n")
     cols = ["method", "steps", "step_compression", "per_image_compression", "seconds", "overhead_share",
             "nll_per_token", "nll_sem", "class_accuracy", "fid"]
 
@@ -297,6 +298,7 @@ def main(argv=None) -> dict:
                              for rc in (True, False)], ["method", "context", "row_causal"] + cols[1:],
                 "Row-causal mask ablation")
 
+    report["warm_up"] = bench.warm.log
     json_path = out / f"e2e_{'_'.join(sections)}.json"
     json_path.write_text(json.dumps(report, indent=2))
     print(f"\ndevice: {device}; wrote {json_path} and plots")
@@ -315,7 +317,7 @@ def table1_main(args) -> dict:
 
     out = Path(args.out) / "e2e"
     out.mkdir(parents=True, exist_ok=True)
-    device = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    device = device_name(torch.device("cpu"))
     methods = [m for m in args.table1_methods.split(",") if m]
     rows = run_table1(default(), samples=args.table1_samples, batch=args.table1_batch, cfg_scale=args.cfg_scale,
                       seed=args.seed, out=out, device=device, methods=methods, minutes=args.table1_minutes)

@@ -8,6 +8,8 @@ per image token under the model (pjd.quality.nll_per_token), each ± its standar
 
 It uses only the public API, so the same command run with another checkout's environment measures
 that checkout (issue 12's before/after: ``/path/to/other/.venv/bin/python benchmarks/steps_per_image.py``).
+It reports no time: steps and NLL do not depend on the device, and a time needs pjd.timing's
+warm-up, which older checkouts lack (benchmarks/e2e.py times decoding).
 
 Usage: python benchmarks/steps_per_image.py [--method pjd] [--n 200] [--batch 1] [--seed 0]
        [--cfg-scale 3] [--out bench_out/steps_per_image_<method>.json]
@@ -17,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 from pathlib import Path
 
 import torch
@@ -36,7 +37,6 @@ def measure(method: str, n: int, batch: int, seed: int, cfg_scale: float, log=No
     """Decode n images in chunks; ``log(row)`` (if given) gets the summary so far after each chunk."""
     dm = default()
     steps, nll = [], []
-    t0 = time.perf_counter()
 
     def summary() -> dict:
         all_steps, all_nll = torch.cat(steps), torch.cat(nll)
@@ -45,7 +45,7 @@ def measure(method: str, n: int, batch: int, seed: int, cfg_scale: float, log=No
                     grid=f"{dm.height}x{dm.width}", pjd_file=pjd.__file__,
                     device=f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
                     steps_mean=s, steps_sem=s_se, per_image_compression=dm.height * dm.width / s,
-                    nll_mean=q, nll_sem=q_se, seconds=time.perf_counter() - t0,
+                    nll_mean=q, nll_sem=q_se,
                     steps_per_image=all_steps.tolist(), nll_per_image=all_nll.tolist())
 
     for c, first in enumerate(range(0, n, batch)):
@@ -87,7 +87,7 @@ def main(argv=None) -> dict:
           f"seed {row['seed']}, {row['device']}, pjd from {row['pjd_file']}):\n"
           f"  steps / image {row['steps_mean']:.1f} ± {row['steps_sem']:.1f} "
           f"(per-image compression {row['per_image_compression']:.2f}x)\n"
-          f"  NLL / token   {row['nll_mean']:.3f} ± {row['nll_sem']:.3f}   ({row['seconds']:.0f} s)")
+          f"  NLL / token   {row['nll_mean']:.3f} ± {row['nll_sem']:.3f}")
     return row
 
 

@@ -13,8 +13,10 @@ temperature 1 as Lumina-mGPT samples):
 Before timing on CUDA, the Triton result is compared with the torch one (same tokens, close q):
 the script stops if they disagree.
 
-On CUDA: triton.testing.do_bench (median). On CPU (no GPU): only the torch reference, 1 thread,
-a few repeats; the Triton and FlashInfer columns read "not measured on this device".
+Every variant is timed after one untimed warm-up call on the same inputs (pjd.timing.time_ms), so
+Triton compilation is never timed. On CUDA: triton.testing.do_bench (median). On CPU (no GPU): only
+the torch reference, 1 thread, median of a few repeats; the Triton and FlashInfer columns read "not
+measured on this device".
 
 Usage: python benchmarks/verify.py [--out bench_out/verify] [--repeats 5] [--quick]
 """
@@ -23,15 +25,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from pjd.ops import TOP, PREFIX, speculative_verify
 from pjd.sampling import target_probs
+from pjd.timing import time_ms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention import device_name  # noqa: E402
@@ -94,16 +95,32 @@ def flashinfer_variant(x: dict):
     return run, ""
 
 
-def check(x: dict) -> None:
-    """The Triton op against the reference on the same inputs; raises if they disagree."""
-    ref, out = run_op(x, "torch"), run_op(x, "triton")
-    committed = torch.arange(WINDOW + 1, device=x["logits"].device) < ref.num_commit[..., None]
-    same = (torch.equal(ref.num_accepted, out.num_accepted) and torch.equal(ref.num_commit, out.num_commit)
-            and torch.equal(ref.commit_tokens[committed], out.commit_tokens[committed])
-            and torch.equal(ref.next_tokens, out.next_tokens)
-            and torch.allclose(ref.next_q, out.next_q, rtol=1e-4, atol=1e-6))
-    if not same:
-        raise RuntimeError("triton disagrees with the torch reference; refusing to time it")
+# The numerics contract (docs/kernels.md): tokens may differ from the reference's only where a uniform
+# lands within ~1e-7 relative of a CDF boundary, so agreement is checked over many draws, not bitwise.
+AGREEMENT = 0.999
+DRAWS = 256
+
+
+def check(x: dict, draws: int = DRAWS) -> None:
+    """The Triton op against the reference on the same inputs and ``draws`` fresh sets of uniforms;
+    raises unless at least AGREEMENT of the (draw, lane) outcomes -- accepted count, committed tokens,
+    next drafts -- agree, and next_q agrees wherever the outcome does."""
+    g = torch.Generator().manual_seed(1)
+    device = x["logits"].device
+    agree = total = 0
+    for _ in range(draws):
+        y = {**x, **{k: torch.rand(x[k].shape, generator=g).to(device) for k in ("u_accept", "u_sample")}}
+        ref, out = run_op(y, "torch"), run_op(y, "triton")
+        committed = torch.arange(WINDOW + 1, device=device) < ref.num_commit[..., None]
+        same = ((ref.num_accepted == out.num_accepted) & (ref.num_commit == out.num_commit)
+                & ((ref.commit_tokens == out.commit_tokens) | ~committed).all(-1)
+                & (ref.next_tokens == out.next_tokens).all(-1))
+        if not torch.allclose(ref.next_q[same], out.next_q[same], rtol=1e-4, atol=1e-6):
+            raise RuntimeError("triton's next_q disagrees with the torch reference; refusing to time it")
+        agree, total = agree + int(same.sum()), total + same.numel()
+    if agree < AGREEMENT * total:
+        raise RuntimeError(f"triton agrees with the torch reference on {agree} of {total} lane outcomes "
+                           f"(< {AGREEMENT:.1%}); refusing to time it")
 
 
 def bytes_moved(vocab: int, lanes: int, logit_bytes: int) -> dict:
@@ -114,22 +131,6 @@ def bytes_moved(vocab: int, lanes: int, logit_bytes: int) -> dict:
     q_io = 2 * slots * vocab * 4
     scratch = 3 * rows * vocab * 4
     return {"logits": logits, "q_io": q_io, "scratch": scratch, "total": logits + q_io + scratch}
-
-
-def time_cpu(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
-
-
-def time_cuda(fn) -> float:
-    from triton.testing import do_bench
-
-    return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
 def run_case(vocab: int, lanes: int, device, dtype, repeats: int) -> dict:
@@ -151,7 +152,7 @@ def run_case(vocab: int, lanes: int, device, dtype, repeats: int) -> dict:
         if name in notes:
             row[f"{name}_ms"], row[f"{name}_note"] = float("nan"), notes[name]
         else:
-            row[f"{name}_ms"] = time_cuda(fns[name]) if device.type == "cuda" else time_cpu(fns[name], repeats)
+            row[f"{name}_ms"], _ = time_ms(fns[name], device, repeats)
     return row
 
 

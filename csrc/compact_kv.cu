@@ -18,7 +18,15 @@
 // unit u' is a different address (same unit: the very load of this pair). So no load ever sees a
 // value stored by this compaction, which is what the sequential per-sample loop guarantees.
 // Rows are copied with the widest unit (16-byte uint4 down to 1 byte) that divides the row size
-// and the tensor's address, chosen per tensor on the host.
+// and the tensor's address.
+//
+// Descriptors by value: the tensors' descriptors are a kernel parameter (LaunchTensors), not a table
+// in device memory. A table would have to be uploaded on every call from a host buffer, and a
+// CUDA graph replays such a copy from that buffer long after the call returned (freed or reused by
+// then). Kernel parameters are copied into the graph when it is captured, so the op is capturable.
+// The classic 4 KiB parameter limit holds PJD_LAUNCH_TENSORS = 240 descriptors of 16 bytes plus
+// the other arguments: 32 layers of K and V with positions and states (66 tensors) take one launch,
+// larger sets one launch per 240 tensors, in order on one stream.
 #include "compact_kv.h"
 
 #include <limits.h>
@@ -28,6 +36,13 @@ namespace {
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
 constexpr int kUnitsPerThread = 4;  // registers staged per thread and stage (4 x 16 B with uint4)
+
+struct LaunchTensors {
+  PjdKvTensor tensors[PJD_LAUNCH_TENSORS];
+};
+static_assert(sizeof(PjdKvTensor) == 16, "PjdKvTensor must stay 16 bytes (kernel parameter budget)");
+static_assert(sizeof(LaunchTensors) <= 4096 - 256,
+              "the descriptors must leave 256 bytes of the 4 KiB kernel parameters to the other arguments");
 
 template <typename Unit>
 __device__ void copy_kept_rows(char* slab, const int* kept_t, unsigned n_kept, int64_t dst_row0,
@@ -63,16 +78,17 @@ __device__ void copy_kept_rows(char* slab, const int* kept_t, unsigned n_kept, i
 }
 
 __global__ void __launch_bounds__(kThreads)
-compact_kv_kernel(const PjdKvTensor* __restrict__ tensors, int64_t max_heads, int64_t batch,
-                  int64_t seq_len, const bool* __restrict__ keep, int64_t keep_len,
-                  int64_t tail_start, const int32_t* __restrict__ dst_start,
-                  int32_t* __restrict__ new_lengths) {
+compact_kv_kernel(const LaunchTensors launch, int max_heads, int64_t batch, int64_t seq_len,
+                  const bool* __restrict__ keep, int64_t keep_len, int64_t tail_start,
+                  const int32_t* __restrict__ dst_start, int32_t* __restrict__ new_lengths,
+                  bool report_lengths) {
   const int64_t head = blockIdx.x % max_heads;
   const int64_t b = (blockIdx.x / max_heads) % batch;
   const int64_t tensor = blockIdx.x / (max_heads * batch);
-  const PjdKvTensor t = tensors[tensor];
-  // The block of (tensor 0, head 0) reports the sample's new length; it exists since heads >= 1.
-  const bool reporter = tensor == 0 && head == 0 && threadIdx.x == 0;
+  const PjdKvTensor t = launch.tensors[tensor];
+  // In the first launch the block of (tensor 0, head 0) reports the sample's new length; it exists
+  // since heads >= 1.
+  const bool reporter = report_lengths && tensor == 0 && head == 0 && threadIdx.x == 0;
   if (head >= t.heads) return;  // meta tensors have one head: the rest of their blocks idle
 
   const int64_t dst0 = dst_start[b];
@@ -81,6 +97,10 @@ compact_kv_kernel(const PjdKvTensor* __restrict__ tensors, int64_t max_heads, in
     return;
   }
   char* slab = static_cast<char*>(t.data) + (b * t.heads + head) * seq_len * t.row_bytes;
+  // The widest power-of-two unit (<= 16 bytes) dividing both the row size and the tensor's address;
+  // it divides every row's address too (rows start at multiples of row_bytes from data).
+  const unsigned bits = static_cast<unsigned>(reinterpret_cast<uintptr_t>(t.data)) | t.row_bytes;
+  const unsigned unit = min(bits & (0u - bits), 16u);
 
   __shared__ int kept_t[kThreads];
   __shared__ int warp_count[kWarps];
@@ -103,7 +123,7 @@ compact_kv_kernel(const PjdKvTensor* __restrict__ tensors, int64_t max_heads, in
     if (kept) kept_t[offset] = static_cast<int>(tt);
     __syncthreads();  // the list is complete
 
-    switch (t.unit) {
+    switch (unit) {
       case 16: copy_kept_rows<uint4>(slab, kept_t, n_kept, dst0 + n_done, tail_start, t.row_bytes); break;
       case 8: copy_kept_rows<uint2>(slab, kept_t, n_kept, dst0 + n_done, tail_start, t.row_bytes); break;
       case 4: copy_kept_rows<unsigned>(slab, kept_t, n_kept, dst0 + n_done, tail_start, t.row_bytes); break;
@@ -118,14 +138,33 @@ compact_kv_kernel(const PjdKvTensor* __restrict__ tensors, int64_t max_heads, in
 
 }  // namespace
 
-extern "C" int pjd_compact_kv_cuda(const PjdKvTensor* tensors, int n_tensors, int64_t max_heads,
-                                   int64_t batch, int64_t seq_len, const bool* keep,
-                                   int64_t keep_len, int64_t tail_start, const int32_t* dst_start,
+extern "C" int pjd_compact_kv_cuda(const PjdKvTensor* tensors, int n_tensors, int64_t batch,
+                                   int64_t seq_len, const bool* keep, int64_t keep_len,
+                                   int64_t tail_start, const int32_t* dst_start,
                                    int32_t* new_lengths, cudaStream_t stream) {
-  const int64_t blocks = n_tensors * max_heads * batch;
-  if (blocks == 0) return cudaSuccess;
-  if (max_heads < 1 || blocks > INT_MAX) return cudaErrorInvalidConfiguration;
-  compact_kv_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-      tensors, max_heads, batch, seq_len, keep, keep_len, tail_start, dst_start, new_lengths);
-  return cudaGetLastError();
+  if (batch == 0) return cudaSuccess;
+  for (int first = 0; first < n_tensors; first += PJD_LAUNCH_TENSORS) {
+    const int count = min(n_tensors - first, PJD_LAUNCH_TENSORS);
+    LaunchTensors launch = {};
+    int max_heads = 0;
+    for (int i = 0; i < count; ++i) {
+      launch.tensors[i] = tensors[first + i];
+      max_heads = max(max_heads, launch.tensors[i].heads);
+    }
+    const int64_t blocks = count * static_cast<int64_t>(max_heads) * batch;
+    if (max_heads < 1 || blocks > INT_MAX) return cudaErrorInvalidConfiguration;
+    compact_kv_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        launch, max_heads, batch, seq_len, keep, keep_len, tail_start, dst_start, new_lengths,
+        /*report_lengths=*/first == 0);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+extern "C" int pjd_compact_kv_cuda_kernel_image(void) {
+  cudaFuncAttributes attributes;
+  const cudaError_t err = cudaFuncGetAttributes(&attributes, compact_kv_kernel);
+  if (err != cudaSuccess) cudaGetLastError();  // returned to the caller, not left for the next check
+  return err;
 }

@@ -7,9 +7,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cstdint>
-#include <cstring>
+#include <exception>
 #include <vector>
 
 #include "compact_kv.h"
@@ -18,56 +17,70 @@
 namespace pjd {
 namespace {
 
-// Widest power-of-two unit (<= 16 bytes) dividing both the row size and the tensor's address.
-int64_t copy_unit(const at::Tensor& x, int64_t row_bytes) {
-  const auto addr = reinterpret_cast<std::uintptr_t>(x.data_ptr());
-  int64_t unit = 16;
-  while (unit > 1 && (row_bytes % unit != 0 || addr % unit != 0)) unit /= 2;
-  return unit;
-}
-
 at::Tensor compact_kv_cuda(at::TensorList caches, const at::Tensor& keep, int64_t tail_start,
                            const at::Tensor& dst_start, at::TensorList meta) {
   check_compact_kv_args(caches, keep, tail_start, dst_start, meta);
   const c10::cuda::CUDAGuard guard(caches[0].device());
   const int64_t H = caches[0].size(1), S = caches[0].size(2);
+  TORCH_CHECK_VALUE(H <= INT32_MAX, "compact_kv: caches have ", H, " heads, more than ", INT32_MAX);
 
-  std::vector<PjdKvTensor> table;
+  // Host descriptors: pjd_compact_kv_cuda passes them to the kernel by value (CUDA-graph safe).
+  std::vector<PjdKvTensor> tensors;
   for (const at::Tensor& x : caches) {
     const int64_t row_bytes = x.size(3) * x.element_size();
     TORCH_CHECK_VALUE(row_bytes <= PJD_MAX_ROW_BYTES, "compact_kv: rows of ", row_bytes, " bytes exceed ",
                       PJD_MAX_ROW_BYTES);
-    table.push_back({x.data_ptr(), H, row_bytes, copy_unit(x, row_bytes)});
+    tensors.push_back({x.data_ptr(), static_cast<int32_t>(H), static_cast<int32_t>(row_bytes)});
   }
   for (const at::Tensor& m : meta) {
-    table.push_back({m.data_ptr(), 1, m.element_size(), copy_unit(m, m.element_size())});
+    tensors.push_back({m.data_ptr(), 1, static_cast<int32_t>(m.element_size())});
   }
-  // The descriptor table goes to the device through pinned memory, asynchronously on the current
-  // stream (the caching host allocator keeps the staging buffer alive until the copy has run).
-  const int64_t table_bytes = static_cast<int64_t>(table.size() * sizeof(PjdKvTensor));
-  at::Tensor host = at::empty({table_bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  std::memcpy(host.data_ptr(), table.data(), table_bytes);
-  const at::Tensor device_table = host.to(caches[0].device(), /*non_blocking=*/true);
 
   const at::Tensor keep_c = keep.contiguous();
   const at::Tensor dst_c = dst_start.contiguous();
   at::Tensor new_lengths = at::empty_like(dst_c);
   const int err = pjd_compact_kv_cuda(
-      static_cast<const PjdKvTensor*>(device_table.data_ptr()), static_cast<int>(table.size()), H,
-      keep_c.size(0), S, keep_c.data_ptr<bool>(), keep_c.size(1), tail_start, dst_c.data_ptr<int32_t>(),
-      new_lengths.data_ptr<int32_t>(), c10::cuda::getCurrentCUDAStream());
+      tensors.data(), static_cast<int>(tensors.size()), keep_c.size(0), S, keep_c.data_ptr<bool>(),
+      keep_c.size(1), tail_start, dst_c.data_ptr<int32_t>(), new_lengths.data_ptr<int32_t>(),
+      c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "compact_kv: CUDA launch failed: ",
               cudaGetErrorString(static_cast<cudaError_t>(err)));
   return new_lengths;
 }
+
+// kernel_image_error(device_index) -> None when the compaction kernel has an image CUDA device
+// `device_index` can run, else the CUDA error saying why (cudaFuncGetAttributes on that device).
+// pjd.ops.compact_kv asks this before choosing the CUDA op: the binary's gencode list (setup.py)
+// is the one source of truth for the devices it runs on.
+PyObject* kernel_image_error(PyObject* /*module*/, PyObject* arg) {
+  const long index = PyLong_AsLong(arg);
+  if (index == -1 && PyErr_Occurred()) return nullptr;
+  int err = cudaSuccess;
+  try {
+    const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(index));
+    err = pjd_compact_kv_cuda_kernel_image();
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+  if (err == cudaSuccess) Py_RETURN_NONE;
+  const auto code = static_cast<cudaError_t>(err);
+  return PyUnicode_FromFormat("%s: %s", cudaGetErrorName(code), cudaGetErrorString(code));
+}
+
+PyMethodDef methods[] = {
+    {"kernel_image_error", kernel_image_error, METH_O,
+     "kernel_image_error(device_index) -> None if compact_kv's CUDA kernel runs on that device, else why not"},
+    {nullptr, nullptr, 0, nullptr},
+};
 
 }  // namespace
 }  // namespace pjd
 
 TORCH_LIBRARY_IMPL(pjd, CUDA, m) { m.impl("compact_kv", &pjd::compact_kv_cuda); }
 
-// `import pjd._C_cuda` loads this library (and so runs the registration above); no Python API.
+// `import pjd._C_cuda` loads this library (and so runs the registration above).
 extern "C" PyMODINIT_FUNC PyInit__C_cuda(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C_cuda", nullptr, -1, nullptr};
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C_cuda", nullptr, -1, pjd::methods};
   return PyModule_Create(&module);
 }

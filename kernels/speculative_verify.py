@@ -37,7 +37,10 @@ carry, 0.04-0.1% of draws at Vi = 65,536 land on another token, measured in a nu
 docs/kernels.md). Remaining
 differences are last-bit ones in exp and in summation order (the softmax normaliser), which can
 flip a decision only when a uniform or top_p lands within ~1e-7 relative of a boundary.
-Divisions use ``tl.math.div_rn`` (IEEE, as torch) rather than Triton's approximate fp32 divide.
+Divisions use ``tl.math.div_rn`` (IEEE, as torch) rather than Triton's approximate fp32 divide,
+exponentials use libdevice's ``expf`` (``_exp``) rather than ``ex2.approx``, and every launch
+disables FP contraction (``enable_fp_fusion=False``): the CFG combine ``u + s * (c - u)`` is then
+rounded after the product as torch rounds it, instead of fused into one FMA.
 
 commit_tokens: entries k < num_commit are the contract. Beyond it the reference also writes the
 extra token it samples for every lane (PREFIX and inactive lanes included); these kernels sample
@@ -50,11 +53,11 @@ moved per step.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from ._launch import INTERPRETING, TRITON_DTYPE, device_guard
 
 TOP = tl.constexpr(0)  # pjd.ops.speculative_verify.TOP
 INT32_MIN = tl.constexpr(-(2**31))
@@ -71,6 +74,20 @@ BLOCK_WS = (16, 64)
 # Warps per kernel. The accept kernel runs one program per lane over whole rows: 8 warps keep more
 # loads in flight (and, at BLOCK_V 1024, ptxas spills 8 bytes on sm_90 with 4).
 NUM_WARPS = {"target_probs": 4, "accept": 8, "next_drafts": 4}
+# Compile options of every launch: no FP contraction (module docstring, "Numerics").
+NUMERICS = {"enable_fp_fusion": False}
+
+
+if INTERPRETING:  # numpy's exp: accurate, as libdevice's (the interpreter has no libdevice)
+    @triton.jit
+    def _exp(x):
+        return tl.exp(x)
+else:
+    from triton.language.extra import libdevice
+
+    @triton.jit
+    def _exp(x):
+        return libdevice.exp(x)
 
 
 @triton.jit
@@ -84,7 +101,7 @@ def _order_key(x):
 @triton.jit
 def _probs(x, kth_key, x_max, z):
     """Softmax of the tokens top-k keeps (key(x) >= kth_key), 0 elsewhere."""
-    return tl.where(_order_key(x) >= kth_key, tl.math.div_rn(tl.exp(x - x_max), z), 0.0)
+    return tl.where(_order_key(x) >= kth_key, tl.math.div_rn(_exp(x - x_max), z), 0.0)
 
 
 @triton.jit
@@ -187,7 +204,9 @@ def _residual_stats(Prow, Qrow, n, BLOCK: tl.constexpr):
     return total.to(tl.float32), last
 
 
-@triton.jit
+# Sizes that change every step (inputs, hence the logits' batch stride) and the image count (B = 1
+# would become a constexpr) are never specialised.
+@triton.jit(do_not_specialize=["stride_lb", "num_images", "num_inputs"])
 def _target_probs_kernel(
     Logits, LaneStart, LaneDrafts, P, Total, Last, RowBad,
     stride_lb, stride_ln,
@@ -244,7 +263,7 @@ def _target_probs_kernel(
             offs = s + tl.arange(0, BLOCK_V)
             valid = offs < vocab
             x = tl.load(out + offs, mask=valid, other=float("-inf"))
-            z += tl.sum(tl.where(valid & (_order_key(x) >= kth_key), tl.exp(x - x_max), 0.0), axis=0)
+            z += tl.sum(tl.where(valid & (_order_key(x) >= kth_key), _exp(x - x_max), 0.0), axis=0)
 
         p_key = tl.full([], 0, tl.int32)  # top-p off: keep every p >= 0
         kept_mass = tl.full([], 1.0, tl.float32)  # p / 1.0 is exact
@@ -431,15 +450,20 @@ def _next_drafts_kernel(
         tl.store(dst + offs, tl.where(offs == hot, 1.0, q), mask=valid)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+MAX_WINDOW = BLOCK_WS[-1] - 1
+
+
+def unsupported(window: int, logits_dtype: torch.dtype) -> str | None:
+    """Why the kernels cannot serve this call (None when they can)."""
+    if logits_dtype not in TRITON_DTYPE:
+        return f"speculative_verify's triton kernels take float32, float16 or bfloat16 logits, got {logits_dtype}"
+    if window > MAX_WINDOW:
+        return f"speculative_verify's triton kernels support draft windows W <= {MAX_WINDOW}, got W={window}"
+    return None
 
 
 def _block_w(window: int) -> int:
-    for block in BLOCK_WS:
-        if window + 1 <= block:
-            return block
-    raise ValueError(f"speculative_verify triton kernel supports draft windows W <= {BLOCK_WS[-1] - 1}, got W={window}")
+    return next(block for block in BLOCK_WS if window + 1 <= block)
 
 
 def speculative_verify_triton(
@@ -469,14 +493,15 @@ def speculative_verify_triton(
     Bx, N, _ = logits.shape
     if Bx not in (B, 2 * B):
         raise ValueError(f"logits must have B={B} rows, or 2B={2 * B} with CFG, got {Bx}")
-    if logits.dtype not in _TRITON_DTYPE:
-        raise TypeError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
+    reason = unsupported(W, logits.dtype)
+    if reason is not None:
+        raise ValueError(reason)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if not 0.0 < top_p <= 1.0:  # the threshold search needs a positive target
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     block_w = _block_w(W)
-    block_v, block_s = tiles or (INTERPRETER_TILES if _interpreting() else GPU_TILES)
+    block_v, block_s = tiles or (INTERPRETER_TILES if INTERPRETING else GPU_TILES)
     device = draft_tokens.device
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
@@ -501,77 +526,28 @@ def speculative_verify_triton(
     eol = int(eol_token_id)
     row_slots = max(int(row_slots), 1)
 
-    _target_probs_kernel[(B * L, W + 1)](
-        logits, lane_start, lane_drafts, p, total, last, row_bad,
-        logits.stride(0), logits.stride(1),
-        B, L, N, W + 1, lo, vocab,
-        float(cfg_scale), float(temperature), top_k, float(top_p),
-        CFG=Bx != B, BLOCK_V=block_v, BLOCK_S=block_s, NPROBE=PROBES, num_warps=NUM_WARPS["target_probs"],
-    )
-    _accept_kernel[(B * L,)](
-        p, total, last, row_bad, draft_tokens, draft_q, u_accept, u_sample,
-        lane_start, lane_drafts, lane_rule, lane_slot, lane_room,
-        num_accepted, num_commit, commit_tokens, invalid,
-        W, vocab, lo, eol, row_slots, int(width),
-        BLOCK_W=block_w, BLOCK_V=block_v, num_warps=NUM_WARPS["accept"],
-    )
-    _next_drafts_kernel[(B * L, W)](
-        p, total, last, draft_tokens, draft_q, u_sample, init_tokens,
-        lane_start, lane_drafts, lane_slot, invalid, num_accepted, num_commit, commit_tokens,
-        next_tokens, next_q,
-        W, vocab, lo, eol, row_slots, int(width), float(reuse_threshold), int(draft_init == "repeat_left"),
-        BLOCK_V=block_v, num_warps=NUM_WARPS["next_drafts"],
-    )
+    with device_guard(logits):
+        _target_probs_kernel[(B * L, W + 1)](
+            logits, lane_start, lane_drafts, p, total, last, row_bad,
+            logits.stride(0), logits.stride(1),
+            B, L, N, W + 1, lo, vocab,
+            float(cfg_scale), float(temperature), top_k, float(top_p),
+            CFG=Bx != B, BLOCK_V=block_v, BLOCK_S=block_s, NPROBE=PROBES,
+            num_warps=NUM_WARPS["target_probs"], **NUMERICS,
+        )
+        _accept_kernel[(B * L,)](
+            p, total, last, row_bad, draft_tokens, draft_q, u_accept, u_sample,
+            lane_start, lane_drafts, lane_rule, lane_slot, lane_room,
+            num_accepted, num_commit, commit_tokens, invalid,
+            W, vocab, lo, eol, row_slots, int(width),
+            BLOCK_W=block_w, BLOCK_V=block_v, num_warps=NUM_WARPS["accept"], **NUMERICS,
+        )
+        _next_drafts_kernel[(B * L, W)](
+            p, total, last, draft_tokens, draft_q, u_sample, init_tokens,
+            lane_start, lane_drafts, lane_slot, invalid, num_accepted, num_commit, commit_tokens,
+            next_tokens, next_q,
+            W, vocab, lo, eol, row_slots, int(width), float(reuse_threshold), int(draft_init == "repeat_left"),
+            BLOCK_V=block_v, num_warps=NUM_WARPS["next_drafts"], **NUMERICS,
+        )
     return num_accepted, num_commit, commit_tokens, next_tokens, next_q, invalid.bool()
 
-
-_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-def _int_args(fn):
-    """Every runtime argument that is a count, index, id or stride (i32)."""
-    return {n: "i32" for n in fn.arg_names
-            if n.startswith(("stride_", "num_")) or n in (
-                "lo", "vocab", "window", "eol", "row_slots", "width", "top_k", "repeat_left")}
-
-
-def aot_configs():
-    """Every kernel instance the wrapper launches on a GPU, for the AOT gate (pjd.kernels.aot)."""
-    from .aot import KernelConfig
-
-    block_v, block_s = GPU_TILES
-    configs = []
-    for dtype, ty in _TRITON_DTYPE.items():
-        for cfg in (False, True):
-            configs.append(KernelConfig(
-                kernel="verify_target_probs",
-                config=f"{ty} V{block_v} S{block_s}x{PROBES} w{NUM_WARPS['target_probs']}" + (" cfg" if cfg else ""),
-                fn=_target_probs_kernel,
-                signature={"Logits": f"*{ty}", "LaneStart": "*i32", "LaneDrafts": "*i32", "P": "*fp32",
-                           "Total": "*fp32", "Last": "*i32", "RowBad": "*i32", "cfg_scale": "fp32",
-                           "temperature": "fp32", "top_p": "fp32", **_int_args(_target_probs_kernel)},
-                constexprs={"CFG": cfg, "BLOCK_V": block_v, "BLOCK_S": block_s, "NPROBE": PROBES},
-                num_warps=NUM_WARPS["target_probs"], num_stages=1,
-                divisible=("Logits", "LaneStart", "LaneDrafts", "P", "Total", "Last", "RowBad"),
-            ))
-    pointers = {name: "*i64" if name in ("DraftTokens", "InitTokens", "CommitTokens", "NextTokens") else
-                "*i32" if name.startswith(("Lane", "Num")) or name in ("Last", "RowBad") else "*fp32"
-                for name in ("P", "Total", "Last", "RowBad", "DraftTokens", "DraftQ", "UAccept", "USample",
-                             "InitTokens", "LaneStart", "LaneDrafts", "LaneRule", "LaneSlot", "LaneRoom",
-                             "LaneInvalid", "NumAccepted", "NumCommit", "CommitTokens", "NextTokens", "NextQ")}
-    for block_w in BLOCK_WS:
-        configs.append(KernelConfig(
-            kernel="verify_accept", config=f"W{block_w} V{block_v} w{NUM_WARPS['accept']}", fn=_accept_kernel,
-            signature={n: t for n, t in pointers.items() if n in _accept_kernel.arg_names}
-            | _int_args(_accept_kernel),
-            constexprs={"BLOCK_W": block_w, "BLOCK_V": block_v}, num_warps=NUM_WARPS["accept"], num_stages=1,
-            divisible=tuple(n for n in pointers if n in _accept_kernel.arg_names),
-        ))
-    configs.append(KernelConfig(
-        kernel="verify_next_drafts", config=f"V{block_v} w{NUM_WARPS['next_drafts']}", fn=_next_drafts_kernel,
-        signature={n: t for n, t in pointers.items() if n in _next_drafts_kernel.arg_names}
-        | _int_args(_next_drafts_kernel) | {"reuse_threshold": "fp32"},
-        constexprs={"BLOCK_V": block_v}, num_warps=NUM_WARPS["next_drafts"], num_stages=1,
-        divisible=tuple(n for n in pointers if n in _next_drafts_kernel.arg_names),
-    ))
-    return configs

@@ -5,6 +5,10 @@ with the default batch of 10), a JSON list of per-method figures, and prints a t
 compression, wall seconds, speed-up over ar and over "hf" (transformers' own ``model.generate`` on
 the same prompts, CFG and sampling: pjd.baseline), NLL, the classifier's accuracy on the requested
 classes, and FID against the test split for batches of at least FID_MIN_IMAGES.
+
+Every timed decode (each method, and hf) follows one untimed warm-up call of the same method,
+settings, seed and batch (pjd.timing.WarmUp), so kernel compilation and first-call costs are never
+counted; the warmed configurations are listed under "warm_up" in demo.json.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-import pjd
+from pjd.timing import WarmUp
 
 FID_MIN_IMAGES = 100  # below this the FID's small-sample bias swamps differences (docs/default_model.md)
 
@@ -30,10 +34,10 @@ def run_demo(methods=("ar", "sjd", "pjd"), batch=10, seed=0, cfg_scale=3.0, top_
     settings = dict(height=dm.height, width=dm.width, image_token_range=dm.image_token_range,
                     cfg_scale=cfg_scale, uncond_input_ids=dm.null_prompt(batch) if cfg_scale != 1 else None,
                     top_k=top_k, backend=backend, seed=seed, progress=progress)
-    rows, images = [], {}
+    rows, images, warm = [], {}, WarmUp()
     for method in methods:
         with torch.no_grad():
-            result = pjd.generate(dm.model, prompt, method=method, **settings)
+            result = warm.generate(dm.model, prompt, method=method, **settings)
         nll = nll_per_token(dm.model, result.tokens, prompt, image_token_range=dm.image_token_range)
         rows.append(dict(
             method=method, steps=result.steps,
@@ -47,11 +51,9 @@ def run_demo(methods=("ar", "sjd", "pjd"), batch=10, seed=0, cfg_scale=3.0, top_
             rows[-1]["fid"] = fid(classifier_features(dm.decode(result.tokens)))
         images[method] = result.tokens
     if hf:
-        from pjd.baseline import hf_generate
-
-        tokens, seconds, _ = hf_generate(dm.model, prompt, height=dm.height, width=dm.width,
-                                         image_token_range=dm.image_token_range, cfg_scale=cfg_scale,
-                                         uncond_input_ids=settings["uncond_input_ids"], top_k=top_k, seed=seed)
+        tokens, seconds, _ = warm.hf_generate(dm.model, prompt, height=dm.height, width=dm.width,
+                                              image_token_range=dm.image_token_range, cfg_scale=cfg_scale,
+                                              uncond_input_ids=settings["uncond_input_ids"], top_k=top_k, seed=seed)
         nll = nll_per_token(dm.model, tokens, prompt, image_token_range=dm.image_token_range)
         rows.append(dict(method="hf", steps=dm.height * dm.width, step_compression=1.0, per_image_compression=1.0,
                          seconds=seconds, forward_seconds=None, nll_per_token=float(nll.mean()),
@@ -70,7 +72,7 @@ def run_demo(methods=("ar", "sjd", "pjd"), batch=10, seed=0, cfg_scale=3.0, top_
     grid = out / "demo.png"
     save_grid(dm, images, [dm.class_names[c] for c in classes.tolist()], grid)
     payload = dict(device=device_name(dm.device), batch=batch, seed=seed, cfg_scale=cfg_scale, top_k=top_k,
-                   grid=f"{dm.height}x{dm.width}", methods=rows)
+                   grid=f"{dm.height}x{dm.width}", methods=rows, warm_up=warm.log)
     json_path = Path(json_file) if json_file else out / "demo.json"
     json_path.write_text(json.dumps(rows if json_file else payload, indent=2))
     print_table(rows, payload["device"])
@@ -97,7 +99,8 @@ def save_grid(dm, images: dict, labels: list[str], path: Path, scale: int = 3) -
 
 
 def print_table(rows: list[dict], device: str) -> None:
-    print(f"\ndevice: {device}")
+    print(f"\ndevice: {device}; wall s: each method timed after an untimed warm-up call of it (same settings "
+          "and batch)")
     cols = ["method", "steps", "step_compression", "per_image_compression", "seconds", "speedup", "speedup_vs_hf",
             "nll_per_token", "class_accuracy", "fid"]
     header = ["method", "steps", "compression", "per image", "wall s", "vs ar", "vs hf", "NLL/token", "class acc",

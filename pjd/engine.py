@@ -24,7 +24,7 @@ import torch
 from pjd import _checks
 from pjd.cache import HIDDEN_POS, ActiveStep, AppendCache, SlotCache, StepInputs
 from pjd.models.base import adapter_for
-from pjd.ops._backend import resolve_backend
+from pjd.ops._backend import resolve_backend, triton_unsupported
 from pjd.ops.speculative_verify import PREFIX, TOP, VerifyResult, speculative_verify
 from pjd.plan import DecodePlan, make_plan
 from pjd.rng import DrawStream
@@ -119,7 +119,9 @@ def generate(model, input_ids, *, height, width, method="pjd", window=None, cont
                      image_token_range=image_token_range, eol_token_id=eol_token_id, draft_init=draft_init,
                      reuse_threshold=reuse_threshold, cache=cache, vocab_size=adapter.vocab_size,
                      row_causal=row_causal)
-    backend = resolve_backend(backend, adapter.device)  # fail before any work if the backend cannot run here
+    # Fail before any work if the backend cannot run here; auto leaves the kernels for shapes they cannot serve.
+    backend = resolve_backend(backend, adapter.device, lambda: triton_unsupported(
+        ("draft_attention", adapter.head_dim, adapter.dtype), ("speculative_verify", plan.window, adapter.dtype)))
     image_index = _image_index(image_index, input_ids.shape[0], adapter.device)
     if generator is not None:
         warnings.warn("generate(generator=...) is deprecated: pass seed= (per-image streams, pjd.rng)",

@@ -7,7 +7,8 @@ class labels then come from a manifest.json beside it, if there is one).
 How the work is split: images are cut into chunks of ``batch_size`` consecutive indices and chunk
 j goes to rank ``j % world``, which computes its classifier features and predictions; rank 0
 gathers them in index order and computes the measures. The chunks do not depend on the number of
-ranks, so a torchrun evaluation gives the same numbers as one process, bit for bit.
+ranks, and the default measures compute each image alone (pjd.quality), so a torchrun evaluation
+gives the same numbers as one process, bit for bit, and so does any ``batch_size``.
 """
 from __future__ import annotations
 

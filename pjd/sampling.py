@@ -62,7 +62,9 @@ def target_probs(
     probs = torch.softmax(x, dim=-1)
     if top_p < 1.0:
         sorted_probs = torch.sort(probs, dim=-1, descending=True).values
-        mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+        # fp64 running sums on every device (torch's fp32 cumsum accumulates in fp64 on a CPU and
+        # in fp32 on CUDA); the kernels sum in fp64 too.
+        mass_before = torch.cumsum(sorted_probs, dim=-1, dtype=torch.float64).float() - sorted_probs
         # t = the smallest sorted probability whose preceding mass is still below top_p.
         last_kept = (mass_before < top_p).sum(dim=-1, keepdim=True) - 1
         threshold = sorted_probs.gather(-1, last_kept)
@@ -76,8 +78,9 @@ def sample_inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
     probs ``[..., V]`` non-negative (need not be normalised), u ``[...]`` in [0, 1) -> int64 ``[...]``.
     A zero-probability index is never returned (its running sum equals its left neighbour's).
+    The running sum is accumulated in fp64 and rounded to fp32 on every device, as the kernels do.
     """
-    cdf = torch.cumsum(probs, dim=-1)
+    cdf = torch.cumsum(probs, dim=-1, dtype=torch.float64).to(probs.dtype)
     target = (u * cdf[..., -1]).unsqueeze(-1)
     idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)
     # Rounding can put the target at the very top; take the last index with mass then.

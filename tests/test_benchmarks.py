@@ -1,6 +1,8 @@
 """Light checks of the benchmark scripts: roofline arithmetic by hand, attention correctness gate,
-steps_per_image statistics."""
+steps_per_image statistics, warm-up before every timed figure."""
+import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -166,6 +168,7 @@ def test_steps_per_image_chunks_and_statistics(tmp_path):
     assert row["steps_sem"] == pytest.approx(float(steps.std() / 2 ** 0.5))
     assert row["per_image_compression"] == pytest.approx(h * w / float(steps.mean()))
     assert row["nll_mean"] > 0 and out.exists()
+    assert not [k for k in row if "second" in k]  # steps and NLL only: it times nothing (see its docstring)
 
 
 def test_batch_invariance_report_on_the_tiny_model(capsys):
@@ -175,3 +178,96 @@ def test_batch_invariance_report_on_the_tiny_model(capsys):
     assert len(out["logit_max_abs_diff"]) == 3 and len(out["images"]) == 3
     assert all(r["tokens_differing"] == 0 and r["steps_in_batch"] == r["steps_alone"] for r in out["images"])
     assert "images with any token differing: 0/3" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- warm-up before anything is timed
+FIRST_CALL_S = 0.2  # a simulated compilation: what the first call of a callable costs below
+
+
+def first_call_sleeps(fn, key=lambda *args, **kwargs: None):
+    """fn, whose first call per ``key(*args, **kwargs)`` sleeps FIRST_CALL_S first (like a Triton compile)."""
+    seen = set()
+
+    def wrapped(*args, **kwargs):
+        k = key(*args, **kwargs)
+        if k not in seen:
+            seen.add(k)
+            time.sleep(FIRST_CALL_S)
+        return fn(*args, **kwargs)
+    return wrapped
+
+
+def test_time_ms_never_times_the_first_call():
+    from pjd.timing import time_ms
+
+    calls = []
+    median, low = time_ms(first_call_sleeps(lambda: calls.append(1)), torch.device("cpu"), repeats=1)
+    assert len(calls) == 2 and median == low < 1e3 * FIRST_CALL_S / 2
+
+
+def test_warm_up_runs_each_configuration_once_and_refuses_a_generator(lm):
+    from pjd.timing import WarmUp
+
+    warm, kw = WarmUp(), dict(height=2, width=2, image_token_range=(0, 32), method="sjd")
+    ids = torch.tensor([[32], [33]])
+    with torch.no_grad():
+        a = warm.generate(lm, ids, seed=1, **kw)
+        b = warm.generate(lm, ids + 1, seed=2, **kw)  # another seed and other classes: the same configuration
+        warm.generate(lm, ids[:1], seed=1, **kw)  # another batch size: a new one
+        assert torch.equal(a.tokens, pjd.generate(lm, ids, seed=1, **kw).tokens)  # the warm-up left it unchanged
+    assert not torch.equal(a.tokens, b.tokens)
+    assert [w["args"][1]["shape"] for w in warm.log] == [[2, 1], [1, 1]] and warm.log[0]["method"] == "sjd"
+    with pytest.raises(ValueError, match="seed"):
+        warm.generate(lm, ids, generator=torch.Generator(), **kw)
+
+
+def test_warm_up_where_nothing_compiles_decodes_one_row(lm, monkeypatch):
+    """CPU / sdpa: nothing is compiled, so the warm-up is one row of the same decode, not the whole."""
+    from pjd import timing
+
+    heights, real = [], pjd.generate
+    monkeypatch.setattr(pjd, "generate", lambda *a, **k: heights.append(k["height"]) or real(*a, **k))
+    kw = dict(height=3, width=2, image_token_range=(0, 32), method="pjd", seed=0)
+    with torch.no_grad():
+        timing.WarmUp().generate(lm, torch.tensor([[32]]), **kw)
+    assert heights == [1, 3]
+    assert timing._compiles(lm, "auto") is False and timing._compiles(lm, "sdpa") is False
+
+
+def test_e2e_times_only_warmed_configurations(compile_on_first_call):
+    bench = e2e.Bench("tiny", batch=1, seed=0, cfg_scale=3.0)
+    bench.height = bench.width = 4  # a small grid: only the order of calls matters here
+    rows = e2e.speed_section(bench, ["ar", "pjd"], repeats=1, hf_modes=["batched"])
+    assert [r["method"] for r in rows] == ["ar", "hf-batched", "pjd"]
+    assert all(r["median_s_per_image"] < compile_on_first_call for r in rows)
+    assert bench.run("pjd", context=2)["seconds"] < compile_on_first_call
+    assert [(w["call"], w.get("method"), w.get("context")) for w in bench.warm.log] == [
+        ("pjd.generate", "ar", None), ("hf_generate", None, None), ("pjd.generate", "pjd", None),
+        ("pjd.generate", "pjd", 2)]
+
+
+def test_microbenchmarks_time_only_after_a_warm_up(monkeypatch, tmp_path):
+    import compaction
+    import verify
+
+    limit_ms = 1e3 * FIRST_CALL_S / 2
+    real_variants = attention.variants
+
+    def variants(case, x, device):
+        run, skip = real_variants(case, x, device)
+        return {name: first_call_sleeps(fn) for name, fn in run.items()}, skip
+
+    monkeypatch.setattr(attention, "variants", variants)
+    monkeypatch.setattr(attention, "flex_block_mask", first_call_sleeps(attention.flex_block_mask))
+    row = attention.run_case(attention.Case(TINY_ATTN, 0.5, 3), torch.device("cpu"), torch.float32, repeats=1)
+    assert all(row[f"{n}_ms"] < limit_ms for n in ("pjd", "flex", "sdpa")) and row["flex_mask_ms"] < limit_ms
+
+    monkeypatch.setattr(verify, "run_op", first_call_sleeps(verify.run_op, key=lambda x, backend: backend))
+    assert verify.run_case(64, 1, torch.device("cpu"), torch.float32, repeats=1)["torch_ms"] < limit_ms
+
+    monkeypatch.setattr(compaction, "compact_kv", first_call_sleeps(compaction.compact_kv,
+                                                                     key=lambda *a, backend, **k: backend))
+    compaction.main(["--out", str(tmp_path), "--layers", "1", "--heads", "1", "--head-dim", "4", "--cache", "8",
+                     "--tails", "4", "--dtypes", "fp32", "--repeats", "1"])
+    rows = json.loads((tmp_path / "compaction.json").read_text())["rows"]
+    assert rows and all(r["native_ms"] < limit_ms and r["torch_ms"] < limit_ms for r in rows)

@@ -1,6 +1,7 @@
 """pjd.ops.compact_kv: every implementation equals the contract written as a per-sample Python loop."""
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -63,6 +64,7 @@ CASES = [  # B, H, S, D, T, tail_start, dst_mode, layers
     (2, 3, 30, 3, 30, 0, "equal", 1),  # the whole cache is the tail
     (2, 2, 16, 8, 0, 9, "far", 1),  # empty tail
     (3, 1, 300, 5, 101, 199, "far", 2),  # tail ends at S; rows of 5 elements (unaligned)
+    (2, 1, 12, 4, 5, 6, "near", 121),  # 245 tensors: more than one CUDA launch takes (240)
 ]
 
 
@@ -84,6 +86,27 @@ def test_matches_loop_reference(case, dtype, backend, device):
     assert torch.equal(keep, keep_before) and torch.equal(dst_start, dst_before)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_replay():
+    """The CUDA op captured in a CUDA graph compacts what the tensors hold at replay time: the graph
+    reads nothing from host memory (the descriptors are kernel parameters)."""
+    static = random_case(2, 4, 40, 16, 10, 25, "near", 2, torch.float16, "cuda", seed=20)
+    caches, keep, tail_start, dst_start, meta = static
+    compact_kv(caches, keep, tail_start, dst_start, meta=meta, backend="native")  # loads the kernel
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        new_lengths = compact_kv(caches, keep, tail_start, dst_start, meta=meta, backend="native")
+    for seed in (21, 22):
+        fresh = random_case(2, 4, 40, 16, 10, 25, "near", 2, torch.float16, "cuda", seed=seed)
+        for x, y in zip([*caches, keep, dst_start, *meta], [*fresh[0], fresh[1], fresh[3], *fresh[4]]):
+            x.copy_(y)
+        want_caches, want_meta, want_lengths = loop_reference(caches, keep, tail_start, dst_start, meta)
+        graph.replay()
+        assert torch.equal(new_lengths.cpu(), want_lengths)
+        for i, (got, want) in enumerate(zip(caches + meta, want_caches + want_meta)):
+            assert torch.equal(got, want), f"replay with seed {seed}: tensor {i} differs from the loop reference"
+
+
 @pytest.mark.parametrize("backend", ["native", "torch"])
 @pytest.mark.parametrize("dtype", [torch.int8, torch.int32, torch.float64], ids=str)
 def test_other_element_sizes(dtype, backend):
@@ -96,7 +119,7 @@ def test_other_element_sizes(dtype, backend):
 
 def test_cpu_extension_is_built():
     # The install builds pjd._C; if this fails, see the "pjd: building the optional extension" warning.
-    assert compact_kv_backend(torch.device("cpu")) == "cpp", _native_unavailable("cpu")
+    assert compact_kv_backend(torch.device("cpu")) == "cpp", _native_unavailable(torch.device("cpu"))
     assert compact_kv_backend("cpu") == "cpp"
 
 
@@ -106,13 +129,97 @@ def test_backend_report_without_native_device():
         assert compact_kv_backend("cuda") == "torch"
 
 
-@pytest.mark.parametrize("op", ["pjd::compact_kv", "pjd::compact_kv_torch"])
-def test_opcheck(op):
-    """Schema (in-place mutation of caches and meta only), fake kernel, AOT dispatch."""
-    compact_kv_backend("cpu")  # loads pjd._C (and registers its fake kernel)
-    caches, keep, tail_start, dst_start, meta = random_case(2, 2, 20, 4, 6, 12, "near", 1, torch.float32, "cpu", 3)
+class _FakeCudaExtension:
+    """pjd._C_cuda as its binary answers on a GPU of ``capability`` (sm_80 / sm_90 SASS, compute_90 PTX)."""
+
+    def __init__(self, capability):
+        self.capability, self.asked = capability, []
+
+    def kernel_image_error(self, index):
+        self.asked.append(index)
+        if self.capability >= (8, 0):
+            return None
+        return "cudaErrorNoKernelImageForDevice: no kernel image is available for execution on the device"
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """fake_gpu(name, capability) -> the fake pjd._C_cuda: CUDA device 0 (current) and 1, CUDA op built."""
+    module = sys.modules["pjd.ops.compact_kv"]  # pjd.ops.compact_kv is also the name of the function
+
+    def make(name, capability):
+        extension = _FakeCudaExtension(capability)
+        monkeypatch.setattr(module, "_extension_unavailable", lambda device_type: None)
+        monkeypatch.setitem(sys.modules, "pjd._C_cuda", extension)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: capability)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: name)
+        return extension
+
+    caches = (module._no_kernel_image, module._warn_fallback)
+    for cache in caches:
+        cache.cache_clear()
+    yield make
+    for cache in caches:
+        cache.cache_clear()
+
+
+def test_cuda_op_falls_back_where_it_has_no_kernel_image(fake_gpu):
+    """A T4 (7.5) is older than the gencode list: auto warns once and runs torch, native raises."""
+    from pjd.ops.compact_kv import _use_native
+
+    extension = fake_gpu("Tesla T4", (7, 5))
+    assert compact_kv_backend("cuda") == "torch"
+    assert extension.asked == [0]  # the current device
+    with pytest.warns(RuntimeWarning, match=r"fallback because pjd._C_cuda has no kernel image for cuda:1 "
+                                            r"\(Tesla T4, compute capability 7.5\): cudaErrorNoKernelImageForDevice"):
+        assert not _use_native("auto", torch.device("cuda", 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per device
+        assert not _use_native("auto", torch.device("cuda", 1))
+        assert not _use_native("torch", torch.device("cuda", 1))
+    with pytest.raises(RuntimeError, match=r"backend='native': .*cuda:1 \(Tesla T4, compute capability 7.5\)"):
+        _use_native("native", torch.device("cuda", 1))
+    assert extension.asked == [0, 1]  # asked once per device
+
+
+def test_cuda_op_runs_where_it_has_a_kernel_image(fake_gpu):
+    from pjd.ops.compact_kv import _use_native
+
+    fake_gpu("NVIDIA H100", (9, 0))
+    assert compact_kv_backend("cuda:0") == "cuda"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _use_native("auto", torch.device("cuda", 0)) and _use_native("native", torch.device("cuda", 0))
+        assert not _use_native("torch", torch.device("cuda", 0))
+
+
+def _strided(t):
+    """t's values in every other element of a buffer twice its size (non-contiguous)."""
+    return torch.stack([t, torch.zeros_like(t)], -1)[..., 0]
+
+
+OPCHECK_INPUTS = {  # edits of (caches, keep, tail_start, dst_start, meta) that the ops accept
+    "contiguous": lambda a: a,
+    "strided_keep_and_dst_start": lambda a: (a[0], _strided(a[1]), a[2], _strided(a[3]), a[4]),
+    "transposed_keep": lambda a: (a[0], a[1].t().contiguous().t(), *a[2:]),
+    "int64_dst_start": lambda a: (*a[:3], a[3].long(), a[4]),  # the fallback's schema takes it; the C++ op refuses
+}
+OPCHECK_CASES = [(op, inputs) for op in ("pjd::compact_kv", "pjd::compact_kv_torch") for inputs in OPCHECK_INPUTS
+                 if (op, inputs) != ("pjd::compact_kv", "int64_dst_start")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("op,inputs", OPCHECK_CASES)
+def test_opcheck(op, inputs, dtype):
+    """Schema (in-place mutation of caches and meta only), fake kernel (contiguous int32 [B]), AOT dispatch."""
+    if op == "pjd::compact_kv" and compact_kv_backend("cpu") != "cpp":  # also loads pjd._C and its fake kernel
+        pytest.skip("the C++ op is not built (test_cpu_extension_is_built fails)")
+    args = OPCHECK_INPUTS[inputs](random_case(2, 2, 20, 4, 6, 12, "near", 1, dtype, "cpu", 3))
     packet = getattr(torch.ops.pjd, op.split("::")[1])
-    torch.library.opcheck(packet.default, (caches, keep, tail_start, dst_start, meta))
+    new_lengths = packet(*[[x.clone() for x in a] if isinstance(a, list) else a for a in args])
+    assert new_lengths.dtype == torch.int32 and new_lengths.shape == (2,) and new_lengths.is_contiguous()
+    torch.library.opcheck(packet.default, args)
 
 
 def _valid():

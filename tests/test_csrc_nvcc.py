@@ -1,5 +1,6 @@
 """Compile checks of csrc/ without a GPU: every .cu builds with nvcc for sm_80 and sm_90 with no
-register spills, and the CUDA binding parses against torch's headers.
+register spills or stack frame, the CUDA binding parses against torch's headers, and the kernel-image
+probe runs.
 
 Runtime correctness of the CUDA op is covered by tests/test_compact_kv.py on machines with a GPU.
 """
@@ -42,6 +43,40 @@ def test_cu_compiles(cu, arch, tmp_path):
     assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stderr}"
     spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", result.stderr)]
     assert spills and not any(spills), f"register spills for {arch}:\n{result.stderr}"
+    # No local memory either: e.g. a kernel parameter array indexed at run time must be read from the
+    # parameter bank, not copied to a stack frame.
+    frames = [int(n) for n in re.findall(r"(\d+) bytes stack frame", result.stderr)]
+    assert frames and not any(frames), f"stack frames for {arch}:\n{result.stderr}"
+
+
+PROBE_MAIN = """
+#include <cstdio>
+#include "compact_kv.h"
+int main() {
+  const int err = pjd_compact_kv_cuda_kernel_image();
+  std::printf("%d %s\\n", err, cudaGetErrorName(static_cast<cudaError_t>(err)));
+  return 0;
+}
+"""
+
+
+@needs_nvcc
+def test_kernel_image_probe_runs(tmp_path):
+    """The probe pjd.ops.compact_kv asks before choosing the CUDA op links and runs: it answers with a
+    CUDA error where the kernel cannot run (here: no GPU, no driver), never crashes."""
+    main = tmp_path / "probe.cpp"
+    main.write_text(PROBE_MAIN)
+    exe = tmp_path / "probe"
+    cmd = [NVCC, "-gencode=arch=compute_90,code=sm_90", f"-I{CSRC}", str(CSRC / "compact_kv.cu"), str(main),
+           "-o", str(exe)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stderr}"
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    code, name = run.stdout.split()
+    assert (int(code) == 0) == (name == "cudaSuccess"), run.stdout
+    if shutil.which("nvidia-smi") is None:  # no GPU on this machine
+        assert int(code) != 0, run.stdout
 
 
 @needs_nvcc

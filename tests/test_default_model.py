@@ -104,7 +104,9 @@ def test_nll_per_token_rejects_bad_input():
                       image_token_range=(0, 6))
 
 
-def test_demo_writes_grid_and_scores(shipped, tmp_path):
+def test_demo_writes_grid_and_scores(shipped, tmp_path, compile_on_first_call):
+    import json
+
     from pjd.demo import run_demo
 
     rows = run_demo(methods=("ar", "pjd"), batch=2, out=tmp_path, progress=False, model=shipped)
@@ -112,3 +114,31 @@ def test_demo_writes_grid_and_scores(shipped, tmp_path):
     assert all(0 <= r["class_accuracy"] <= 1 and r["steps"] >= 1 for r in rows)
     assert rows[0]["steps"] == 256  # ar: one token per step on the 16 x 16 grid
     assert (tmp_path / "demo.png").exists() and (tmp_path / "demo.json").exists()
+    # No wall time includes a first call (kernel compilation on a GPU): every row was warmed up.
+    assert all(0 < r["seconds"] < compile_on_first_call for r in rows), [r["seconds"] for r in rows]
+    warmed = json.loads((tmp_path / "demo.json").read_text())["warm_up"]
+    assert [(w["call"], w.get("method")) for w in warmed] == [("pjd.generate", "ar"), ("pjd.generate", "pjd"),
+                                                               ("hf_generate", None)]
+
+
+def test_demo_runs_through_the_triton_kernels_under_the_interpreter(tmp_path):
+    """`pjd demo` end to end on the Triton kernels (the interpreter, in a subprocess): the embedded
+    model at its full 16 x 16 grid, batch 1, pjd; same grid image and figures as the torch reference.
+    (benchmarks/kernel_report.py's "demo" group compiles the full-size configuration for sm_80/sm_90.)"""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    def demo(backend, **env):
+        out = tmp_path / backend
+        proc = subprocess.run([sys.executable, "-m", "pjd.cli", "demo", "--batch", "1", "--methods", "pjd", "--no-hf",
+                               "--no-progress", "--backend", backend, "--out", str(out)],
+                              env={**os.environ, "OMP_NUM_THREADS": "1", **env}, capture_output=True, text=True,
+                              timeout=900)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        rows = json.loads((out / "demo.json").read_text())["methods"]
+        return (out / "demo.png").read_bytes(), [(r["steps"], r["nll_per_token"]) for r in rows]
+
+    png, figures = demo("triton", TRITON_INTERPRET="1")
+    assert (png, figures) == demo("torch")

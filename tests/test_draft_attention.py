@@ -109,6 +109,35 @@ def test_scale_default_and_explicit():
     assert not torch.allclose(default, draft_attention(q, k, v, *meta, scale=1.0, backend="torch"))
 
 
+def _permuted(t):
+    """t's values in reversed memory order (non-contiguous)."""
+    return t.transpose(0, -1).contiguous().transpose(0, -1)
+
+
+def _heads_second(t):
+    """[B, H, N, D] viewed from a [B, N, H, D] buffer, as transformers hands q, k and v over."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+LAYOUTS = {
+    "contiguous": lambda q, k, v, *meta: (q, k, v, *meta),
+    "hf": lambda q, k, v, *meta: (_heads_second(q), _heads_second(k), _heads_second(v), *meta),
+    "permuted": lambda *args: tuple(_permuted(t) for t in args),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("backend", ["torch", "sdpa"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_opcheck(dtype, backend, layout):
+    """Fake kernel == real output (q's dtype, q's shape, contiguous), schema, autograd and AOT dispatch."""
+    q, k, v, *meta = LAYOUTS[layout](*make_inputs(2, 4, 2, 5, 12, 16, dtype, "rows", seed=1))
+    args = (q, k, v, *meta, 0.25, backend)
+    out = torch.ops.pjd.draft_attention(*args)
+    assert out.dtype == dtype and out.shape == q.shape and out.is_contiguous()
+    torch.library.opcheck(torch.ops.pjd.draft_attention.default, args)
+
+
 # ---------------------------------------------------------------- (b) bad inputs
 def _good():
     return list(make_inputs(1, 4, 2, 3, 10, 64, torch.float16, "random", seed=0))
@@ -151,13 +180,14 @@ def test_triton_on_cpu_without_interpreter(monkeypatch):
         draft_attention(*_good(), backend="triton")
 
 
-def test_triton_rejects_unsupported_head_dim():
-    from pjd.kernels.draft_attention import tile_config
+def test_triton_tiles_cover_every_head_dim_up_to_256():
+    from pjd.kernels.draft_attention import block_d, tile_config
 
-    with pytest.raises(ValueError, match="D=96"):
-        tile_config(96, torch.float16)
-    with pytest.raises(ValueError, match="D=32"):
-        tile_config(32, torch.float32)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for D in range(1, 257):
+            assert tile_config(D, dtype).block_m > 0 and block_d(D) >= max(D, 16)
+        with pytest.raises(ValueError, match="D=257"):
+            tile_config(257, dtype)
 
 
 def test_split_heuristic():
@@ -194,8 +224,25 @@ CASES = {
         (1, 4, 4, 8, 130, 64, "bfloat16", "rows_unsorted", 3),
     ],
 }
-# Interpreter: fp32 dots are exact up to summation order; fp16 P is rounded before P@V; bf16 casts
-# truncate (>= 1 ulp = 2^-7 relative), so bf16 gets 2 ulps.
+# Every head dim the kernel serves differently: padded (1, 7, 24, 48, 80, 100, 200) and powers of two
+# (16, 32, 256), each with its dtype, GQA and split.
+CASES["head_dims"] = [
+    (2, 4, 2, 5, 90, 1, "float32", "rows", 1),
+    (1, 2, 1, 7, 70, 7, "float16", "random", 2),
+    (2, 2, 2, 9, 100, 16, "bfloat16", "rows_unsorted", None),
+    (1, 4, 1, 6, 120, 24, "float32", "rows", 2),
+    (2, 8, 2, 4, 200, 32, "float16", "rows", 1),
+    (1, 4, 2, 3, 80, 48, "bfloat16", "random", 2),
+    (2, 4, 4, 5, 150, 80, "float16", "rows_unsorted", 1),
+    (1, 4, 1, 4, 90, 100, "bfloat16", "rows", 2),
+    (1, 2, 2, 3, 70, 100, "float32", "random", 1),
+    (1, 2, 1, 3, 60, 200, "float16", "rows", 2),
+    (1, 2, 2, 2, 50, 256, "bfloat16", "rows", 1),
+    (1, 2, 1, 2, 40, 256, "float32", "random", None),
+]
+# Interpreter: fp32 dots are exact up to summation order; fp16 and bf16 P are rounded (to nearest even)
+# before P@V as on a GPU, so the output differs from the fp32 reference by about an ulp of the dtype:
+# 2 ulps of tolerance.
 TOLERANCE = {"float32": 2e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
 
 
@@ -215,8 +262,35 @@ def _run_case(case, seed):
     torch.testing.assert_close(out.float(), ref.float(), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
 
 
+def _p_rounding_case(dtype):
+    """One query over 64 keys (one full tile), V = identity: output j is P_j / l, so it shows how P
+    was rounded before P·V. Returns the fraction of outputs equal to the GPU's arithmetic (P rounded
+    to the input dtype first) and to unrounded P."""
+    from pjd.kernels.draft_attention import LOG2E, draft_attention_triton
+
+    g = torch.Generator().manual_seed(7)
+    D = Nk = 64
+    q = torch.randn(1, 1, 1, D, generator=g).to(dtype)
+    k = (torch.randn(1, 1, Nk, D, generator=g) * 0.3).to(dtype)
+    v = torch.eye(Nk, D).to(dtype)[None, None]
+    q_meta = torch.tensor([[Nk]], dtype=torch.int32)
+    k_pos = torch.arange(Nk, dtype=torch.int32)[None]
+    out = draft_attention_triton(q, k, v, q_meta, q_meta * 0 - 1, k_pos, k_pos * 0 - 1, D ** -0.5, num_splits=1)
+    s = (q.float() @ k.float().transpose(-1, -2)) * (D ** -0.5 * LOG2E)
+    p = torch.exp2(s - s.max())
+    gpu = (p.to(dtype).float() / p.sum()).to(dtype)
+    plain = (p / p.sum()).to(dtype)
+    return (out == gpu).float().mean().item(), (out == plain).float().mean().item()
+
+
 def _interpreter_main(names):
     failures = []
+    if "numerics" in names:
+        for dtype in (torch.bfloat16, torch.float16):
+            gpu, plain = _p_rounding_case(dtype)
+            if not (gpu >= 0.95 and plain <= 0.9):
+                failures.append(f"{dtype}: {gpu:.3f} of outputs equal GPU arithmetic, {plain:.3f} unrounded P")
+        names = [n for n in names if n != "numerics"]
     for name in names:
         for i, case in enumerate(CASES[name]):
             try:
@@ -227,8 +301,10 @@ def _interpreter_main(names):
     return 1 if failures else 0
 
 
-@pytest.mark.parametrize("names", [["fp32"], ["fp16"], ["bf16"]])
+@pytest.mark.parametrize("names", [["fp32"], ["fp16"], ["bf16", "numerics"], ["head_dims"]])
 def test_triton_interpreter_matches_reference(names):
+    """Interpreter vs reference; "numerics": P is rounded to the input dtype before P·V, and bf16 is
+    rounded to nearest even, exactly as the compiled kernel does (not as the interpreter would)."""
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, __file__, *names], env=env, capture_output=True, text=True,
                           timeout=300)

@@ -111,13 +111,15 @@ def test_trained_tokenizer_round_trip_beats_untrained(trained_assets, fixture_di
 
     images = torch.from_numpy(load_fashion_mnist(fixture_dir, "test")[0])
     vq = load_tokenizer(trained_assets)
-    trained = psnr(vq.images(vq.encode(images)), images)
+    decoded = vq.images(vq.encode(images))
+    trained = psnr(decoded, images)
     torch.manual_seed(0)
     untrained = VQTokenizer(vq.config).eval()
     assert trained > psnr(untrained.images(untrained.encode(images)), images) + 5
-    # Re-encoding a decoded image gives mostly the same tokens (a stable round trip).
-    tokens = vq.encode(images)
-    assert (vq.encode(vq.images(tokens)) == tokens).double().mean() > 0.8
+    # A stable round trip: a decoded image is close to a fixed point of encode -> decode (re-encoding
+    # it changes it less than encoding the original did). Token agreement is no measure on this
+    # 60-step fixture: it spans 0.69-0.92 over training seeds, and the untrained tokenizer scores 0.98.
+    assert psnr(vq.images(vq.encode(decoded)), decoded) > trained
 
 
 def test_trained_gpt_loads_through_load_llamagen(trained_assets):
@@ -145,10 +147,9 @@ def test_classifier_and_reference_stats(trained_assets, fixture_dir):
     feats = classifier_features(images, classifier=net)
     assert feats.shape == (20, 128) and feats.dtype == torch.float64
     mu, sigma = reference_stats(trained_assets)
-    # The shipped statistics are those of the test split's features.
+    # The shipped statistics are those of the test split's features, computed as generated images' are.
     want_mu, want_sigma = feature_stats(feats)
-    torch.testing.assert_close(mu, want_mu, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(sigma, want_sigma, rtol=1e-4, atol=1e-5)
+    assert torch.equal(mu, want_mu) and torch.equal(sigma, want_sigma)
     assert abs(fid(feats, (mu, sigma))) < 1e-3
     with torch.no_grad():
         assert torch.equal(classify(images, classifier=net), net(FashionClassifier.to_input(images)).argmax(1))
@@ -191,7 +192,7 @@ def test_quality_rejects_bad_input():
         fid(torch.zeros(1, 128))
 
 
-def test_table1_rows_on_a_fixture_model(trained_assets, tmp_path):
+def test_table1_rows_on_a_fixture_model(trained_assets, tmp_path, compile_on_first_call):
     import json
     import sys
     from pathlib import Path
@@ -212,7 +213,11 @@ def test_table1_rows_on_a_fixture_model(trained_assets, tmp_path):
     assert zipar["step_compression"] > 1 and zipar["context"] == 4 and zipar["samples"] == 20
     for r in rows:
         assert r["fid_ci"][0] <= r["fid_ci"][1] and 0 <= r["class_accuracy"] <= 1
-    assert len(json.loads((tmp_path / "table1.json").read_text())["rows"]) == 2
+    written = json.loads((tmp_path / "table1.json").read_text())
+    assert len(written["rows"]) == 2
+    # Wall seconds count warmed-up decodes only: one untimed call per row, not per chunk (seeds differ).
+    assert all(0 < r["seconds"] < compile_on_first_call for r in rows)
+    assert [(w["method"], w["args"][1]["shape"]) for w in written["warm_up"]] == [("ar", [10, 1]), ("zipar", [10, 1])]
     assert markdown(rows, "cpu").count("\n") == 2 + len(rows)
     with pytest.raises(ValueError, match="samples"):
         run_table1(dm, samples=15, batch=10, cfg_scale=2.0, seed=0, out=tmp_path, device="cpu")
@@ -220,3 +225,20 @@ def test_table1_rows_on_a_fixture_model(trained_assets, tmp_path):
     cut = run_table1(dm, samples=40, batch=10, cfg_scale=2.0, seed=0, out=tmp_path, device="cpu",
                      methods=["ar", "pjd"], minutes=0)
     assert [r["samples"] for r in cut] == [10] * 5
+
+
+def test_e2e_table1_command_runs(trained_assets, tmp_path, monkeypatch):
+    """`python benchmarks/e2e.py --table1 ...` end to end (on the fixture model: the command's own path)."""
+    import sys
+    from pathlib import Path
+
+    import pjd.models
+    from pjd.models import default
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import e2e
+
+    monkeypatch.setattr(pjd.models, "default", lambda: default(assets=trained_assets))
+    report = e2e.main(["--table1", "--table1-methods", "ar", "--table1-samples", "10", "--table1-batch", "10",
+                       "--out", str(tmp_path)])
+    assert report["device"].startswith("CPU (") and [r["method"] for r in report["rows"]] == ["ar"]

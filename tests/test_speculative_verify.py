@@ -269,6 +269,62 @@ def test_triton_on_cpu_without_interpreter(monkeypatch):
         speculative_verify(*args[:11], **public_kwargs(args), backend="triton")
 
 
+# ---------------------------------------------------------------- (a') torch.library registration
+def _permuted(t):
+    """t's values in reversed memory order: non-contiguous strides that TensorIterator propagates."""
+    return t.transpose(0, -1).contiguous().transpose(0, -1)
+
+
+def _with_tensors(args, change):
+    return [change(i, a) if isinstance(a, torch.Tensor) else a for i, a in enumerate(args)]
+
+
+# Inputs the custom op's schema accepts (any dtype and strides), beyond what the public wrapper passes.
+INPUT_VARIANTS = {
+    "canonical": lambda args: args,
+    "bf16_draft_q": lambda args: _with_tensors(args, lambda i, a: a.bfloat16() if i == 7 else a),
+    "fp64_draft_q": lambda args: _with_tensors(args, lambda i, a: a.double() if i == 7 else a),
+    "int64_lanes": lambda args: _with_tensors(args, lambda i, a: a.long() if 1 <= i <= 5 else a),
+    "non_contiguous": lambda args: _with_tensors(args, lambda i, a: _permuted(a)),
+}
+
+
+def _op_args(args, backend):
+    """make_case's positional arguments as pjd::speculative_verify takes them."""
+    lo, hi = args[12]
+    return (*args[:12], lo, hi, *args[13:], backend)
+
+
+def assert_canonical(out, B, L, W, Vi):
+    """The registered output contract: dtypes and shapes of VerifyResult, every tensor contiguous."""
+    want = [(torch.int32, (B, L)), (torch.int32, (B, L)), (torch.int64, (B, L, W + 1)), (torch.int64, (B, L, W)),
+            (torch.float32, (B, L, W, Vi)), (torch.bool, (B, L))]
+    got = [(t.dtype, tuple(t.shape)) for t in out]
+    assert got == want
+    assert all(t.is_contiguous() for t in out), [t.stride() for t in out]
+
+
+@pytest.mark.parametrize("variant", list(INPUT_VARIANTS))
+@pytest.mark.parametrize("dtype,cfg", [(d, c) for d in ("float32", "float16", "bfloat16") for c in (False, True)])
+def test_opcheck(dtype, cfg, variant):
+    """Fake kernel == real outputs (dtype, shape, strides), schema, autograd and AOT dispatch."""
+    args = INPUT_VARIANTS[variant](list(make_case(21, B=2, L=3, W=3, V=40, cfg=cfg, dtype=dtype, eol=True)))
+    op_args = _op_args(args, "torch")
+    assert_canonical(torch.ops.pjd.speculative_verify(*op_args), B=2, L=3, W=3, Vi=39)
+    torch.library.opcheck(torch.ops.pjd.speculative_verify.default, op_args)
+
+
+@pytest.mark.parametrize("backend", ["torch", "sdpa"])
+def test_non_contiguous_inputs_give_canonical_outputs(backend):
+    """The public op on strided inputs: the same values as on contiguous ones, canonical outputs."""
+    args = make_case(22, B=2, L=3, W=3, V=40, cfg=True)
+    want = speculative_verify(*args[:11], **public_kwargs(args), backend=backend)
+    got = speculative_verify(*INPUT_VARIANTS["non_contiguous"](list(args))[:11], **public_kwargs(args),
+                             backend=backend)
+    assert_canonical(got, B=2, L=3, W=3, Vi=40)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
 # ---------------------------------------------------------------- (b) Triton interpreter parity
 # name -> list of (make_case kwargs (seed 100 + index unless given), tiles); tiles None = the wrapper's default (interpreter tiles),
 # small tiles force several blocks per row (running-sum carries, multi-block searches).
@@ -398,13 +454,13 @@ def _bench_gate():
     """benchmarks/verify.py's correctness gate passes on its own inputs and rejects a wrong result."""
     verify = _bench_module()
     x = verify.make_inputs(1024, 2, torch.device("cpu"), torch.float32)
-    verify.check(x)
+    verify.check(x, draws=3)
     # A wrong kernel: the Triton side samples with other uniforms than the torch side.
     run_op, failures = verify.run_op, []
     verify.run_op = lambda x, backend: run_op({**x, "u_sample": 1 - x["u_sample"]} if backend == "triton" else x,
                                              backend)
     try:
-        verify.check(x)
+        verify.check(x, draws=3)
         failures.append("check accepted a Triton result computed from different draws")
     except RuntimeError:
         pass

@@ -36,7 +36,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> None:
-    from pjd.quality import feature_stats
+    from pjd.quality import classifier_features, classify, feature_stats
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -67,11 +67,9 @@ def main(argv=None) -> None:
                       flush=True)
             step += 1
     net.eval()
-    with torch.no_grad():
-        tx = FashionClassifier.to_input(torch.from_numpy(test_x))
-        logits = torch.cat([net(tx[i:i + 1000]) for i in range(0, tx.shape[0], 1000)])
-        feats = torch.cat([net.features(tx[i:i + 1000]) for i in range(0, tx.shape[0], 1000)])
-    acc = float((logits.argmax(1) == torch.from_numpy(test_y)).double().mean())
+    test = torch.from_numpy(test_x)
+    feats = classifier_features(test, classifier=net)  # as pjd.quality computes generated images' features
+    acc = float((classify(test, classifier=net) == torch.from_numpy(test_y)).double().mean())
     report = dict(test_accuracy=round(acc, 4), epochs=args.epochs, batch_size=args.batch_size,
                   train_seconds=round(time.time() - start, 1), threads=args.threads)
     print(report)

@@ -53,6 +53,17 @@ class CausalLMAdapter:
         return self.model.get_input_embeddings().num_embeddings
 
     @property
+    def head_dim(self) -> int:
+        """The attention head dim the decoder's layers run at (what pjd's attention kernel sees)."""
+        cfg = self.text_config
+        return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The decoder's compute dtype (its queries' and logits' dtype)."""
+        return self.model.get_input_embeddings().weight.dtype
+
+    @property
     def max_positions(self) -> int | None:
         return getattr(self.text_config, "max_position_embeddings", None)
 

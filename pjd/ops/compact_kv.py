@@ -7,12 +7,15 @@ entries are dropped and the kept ones moved together, per sample (ragged). Imple
 - ``cpp``: the C++ CPU op (csrc/compact_kv_cpu.cpp, extension ``pjd._C``; built on install),
 - ``torch``: the pure-torch fallback below, one gather + scatter per tensor.
 The extensions are imported lazily on first use and never required: without them, "auto" runs
-the torch fallback. ``compact_kv_backend(device)`` says which one "auto" picks.
+the torch fallback. On a GPU the CUDA op also needs a kernel image for the device (setup.py's
+gencode list: compute capability 8.x and >= 9.0); elsewhere, e.g. on a T4 or V100, "auto" runs the
+fallback with a one-time warning. ``compact_kv_backend(device)`` says which one "auto" picks.
 """
 from __future__ import annotations
 
 import functools
 import importlib
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -34,7 +37,7 @@ def compact_kv_reference(caches, keep, tail_start, dst_start, meta=()) -> torch.
         x[b_idx, :, dst] = x[b_idx, :, src]
     for m in meta:
         m[b_idx, dst] = m[b_idx, src]
-    return dst_start + keep.sum(1, dtype=torch.int32)
+    return dst_start.to(torch.int32) + keep.sum(1, dtype=torch.int32)
 
 
 @torch.library.custom_op("pjd::compact_kv_torch", mutates_args=("caches", "meta"))
@@ -46,14 +49,14 @@ def _compact_kv_torch(
 
 
 def _fake_new_lengths(caches, keep, tail_start, dst_start, meta):
-    return torch.empty_like(dst_start)
+    return dst_start.new_empty(dst_start.shape, dtype=torch.int32)  # contiguous int32, as every implementation
 
 
 _compact_kv_torch.register_fake(_fake_new_lengths)
 
 
 @functools.cache
-def _native_unavailable(device_type: str) -> str | None:
+def _extension_unavailable(device_type: str) -> str | None:
     """Import the extension serving ``device_type`` once. None if it loaded, else the reason."""
     if device_type not in _NATIVE_NAME:
         return f"there is no native compact_kv for {device_type} tensors"
@@ -63,7 +66,8 @@ def _native_unavailable(device_type: str) -> str | None:
         if device_type == "cuda":
             importlib.import_module("pjd._C_cuda")
     except (ImportError, OSError) as err:
-        return f"the extension is not available ({type(err).__name__}: {err})"
+        return (f"the extension is not available ({type(err).__name__}: {err}); rebuild with "
+                "`pip install --no-build-isolation -e .`, or use backend='torch'")
     _register_native_fake()
     return None
 
@@ -74,10 +78,60 @@ def _register_native_fake() -> None:
     torch.library.register_fake("pjd::compact_kv")(_fake_new_lengths)
 
 
+@functools.cache
+def _no_kernel_image(index: int) -> str | None:
+    """Why the CUDA kernel of pjd._C_cuda cannot run on CUDA device ``index``; None if it can.
+
+    The binary itself is asked (cudaFuncGetAttributes): its gencode list in setup.py (sm_80 and
+    sm_90 SASS, compute_90 PTX) stays the one source of truth, and what the driver can JIT from the
+    PTX is the driver's answer, not a rule copied here. A T4 (7.5) or V100 (7.0) has no image.
+    """
+    error = importlib.import_module("pjd._C_cuda").kernel_image_error(index)
+    if error is None:
+        return None
+    major, minor = torch.cuda.get_device_capability(index)
+    return (f"pjd._C_cuda has no kernel image for cuda:{index} ({torch.cuda.get_device_name(index)}, compute "
+            f"capability {major}.{minor}): {error}; add the device's architecture to the gencode list in "
+            "setup.py and rebuild, or use backend='torch'")
+
+
+def _native_unavailable(device: torch.device) -> str | None:
+    """None if the native op runs on ``device``, else why not."""
+    reason = _extension_unavailable(device.type)
+    if reason is None and device.type == "cuda":
+        reason = _no_kernel_image(torch.cuda.current_device() if device.index is None else device.index)
+    return reason
+
+
+@functools.cache
+def _warn_fallback(reason: str) -> None:  # once per reason, i.e. per device
+    warnings.warn(f"compact_kv: backend='auto' runs the pure-torch fallback because {reason}", RuntimeWarning,
+                  stacklevel=4)
+
+
+def _use_native(backend: str, device: torch.device) -> bool:
+    """Whether ``backend`` ("auto", "native" or "torch") runs the native op on ``device``.
+
+    "auto" falls back to torch where the native op is unavailable: silently when its extension is
+    not built (the install warned), with a one-time RuntimeWarning when the CUDA extension is built
+    but cannot run on this GPU. "native" raises RuntimeError with the reason instead.
+    """
+    if backend == "torch":
+        return False
+    unavailable = _native_unavailable(device)
+    if unavailable is None:
+        return True
+    if backend == "native":
+        raise RuntimeError(f"backend='native': {unavailable}")
+    if _extension_unavailable(device.type) is None:
+        _warn_fallback(unavailable)
+    return False
+
+
 def compact_kv_backend(device) -> str:
     """The implementation ``backend="auto"`` runs for tensors on ``device``: "cuda", "cpp" or "torch"."""
     device = torch.device(device)
-    return "torch" if _native_unavailable(device.type) else _NATIVE_NAME[device.type]
+    return "torch" if _native_unavailable(device) else _NATIVE_NAME[device.type]
 
 
 def _check_tensor(name: str, t, device: torch.device | None = None) -> None:
@@ -184,10 +238,11 @@ def compact_kv(caches, keep, tail_start, dst_start, *, meta=(), backend="auto") 
             ``new_lengths[b] = -1``.
         meta: list/tuple of contiguous ``[B, S]`` tensors (any dtype, e.g. int32 positions and
             groups), compacted with the same keep lists. Mutated in place.
-        backend: "auto" (the native op where its extension is built for the device, else torch),
-            "torch" (pure-torch fallback) or "native" (C++ CPU op / CUDA op; RuntimeError if it is
-            not built). ``compact_kv_backend(device)`` returns what "auto" runs:
-            "cuda", "cpp" or "torch".
+        backend: "auto" (the native op where it can run, else torch: where its extension is not
+            built, or, with a one-time RuntimeWarning, on a GPU the CUDA kernel was not compiled
+            for), "torch" (pure-torch fallback) or "native" (C++ CPU op / CUDA op; RuntimeError
+            saying why where it cannot run, naming the GPU's compute capability).
+            ``compact_kv_backend(device)`` returns what "auto" runs: "cuda", "cpp" or "torch".
 
     Returns:
         int32 ``[B]`` on the device of caches: ``new_lengths = dst_start + keep.sum(1)``.
@@ -196,11 +251,7 @@ def compact_kv(caches, keep, tail_start, dst_start, *, meta=(), backend="auto") 
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     device = caches[0].device
-    unavailable = _native_unavailable(device.type)
-    if backend == "native" and unavailable:
-        raise RuntimeError(f"backend='native': {unavailable}. Rebuild with "
-                           "`pip install --no-build-isolation -e .`, or use backend='torch'")
-    use_native = backend == "native" or (backend == "auto" and not unavailable)
+    use_native = _use_native(backend, device)
     if (device.type == "cpu" or not use_native) and not torch.compiler.is_compiling():
         # The CUDA op skips this host read (it would synchronise); see dst_start above.
         if bool(((dst_start < 0) | (dst_start > tail_start)).any()):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import _checks
-from ._backend import check_int32, resolve_backend
+from ._backend import check_int32, resolve_backend, triton_unsupported
 
 COMMITTED = -1
 HIDDEN = -2
@@ -75,7 +75,7 @@ def _draft_attention_op(
 
 @_draft_attention_op.register_fake
 def _(q, k, v, q_pos, q_group, k_pos, k_group, scale, backend):
-    return q.new_empty(q.shape)  # contiguous, like both implementations
+    return q.new_empty(q.shape)  # contiguous, q's dtype: what torch, sdpa and triton return
 
 
 def draft_attention(q, k, v, q_pos, q_group, k_pos, k_group, *, scale=None, backend="auto"):
@@ -89,8 +89,9 @@ def draft_attention(q, k, v, q_pos, q_group, k_pos, k_group, *, scale=None, back
         k_pos, k_group: int32 ``[B, Nk]`` raster position and state of each key:
             -1 committed, -2 never visible, g >= 0 draft of row g.
         scale: finite softmax scale, default ``D ** -0.5``.
-        backend: "auto" (triton on CUDA, sdpa elsewhere), "torch" (the reference), "sdpa" (torch's
-            scaled_dot_product_attention with a boolean mask of the step's rows) or "triton".
+        backend: "auto" (triton on CUDA, sdpa elsewhere and for shapes the kernel cannot serve, with a
+            one-time warning), "torch" (the reference), "sdpa" (torch's scaled_dot_product_attention
+            with a boolean mask of the step's rows) or "triton" (any head dim 1..256).
 
     Returns:
         ``[B, Hq, Nq, D]`` in q's dtype. A query that sees no key gets zeros.
@@ -123,5 +124,5 @@ def draft_attention(q, k, v, q_pos, q_group, k_pos, k_group, *, scale=None, back
     check_int32("k_pos", k_pos, (B, Nk), q.device)
     check_int32("k_group", k_group, (B, Nk), q.device)
     scale = D ** -0.5 if scale is None else _checks.finite("scale", scale)
-    backend = resolve_backend(backend, q.device)
+    backend = resolve_backend(backend, q.device, lambda: triton_unsupported(("draft_attention", D, q.dtype)))
     return _draft_attention_op(q, k, v, q_pos, q_group, k_pos, k_group, scale, backend)

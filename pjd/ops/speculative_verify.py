@@ -43,7 +43,7 @@ import torch
 from pjd.sampling import sample_inverse_cdf, scaled_logits, target_probs, undefined_rows
 
 from . import _checks
-from ._backend import resolve_backend
+from ._backend import resolve_backend, triton_unsupported
 
 TOP = 0
 PREFIX = 1
@@ -169,6 +169,20 @@ def speculative_verify_reference(
     )
 
 
+# The op's outputs, in VerifyResult's order, whatever dtypes and strides its inputs have.
+_OUTPUT_DTYPES = (torch.int32, torch.int32, torch.int64, torch.int64, torch.float32, torch.bool)
+
+
+def _canonical(out) -> tuple[torch.Tensor, ...]:
+    """Outputs as registered (the fake below): VerifyResult's dtypes, contiguous.
+
+    The reference's dtypes follow type promotion of its inputs (an fp64 draft_q gives an fp64
+    next_q) and its strides TensorIterator's choices (strided inputs give strided outputs). Both
+    conversions are no-ops on outputs that are already canonical.
+    """
+    return tuple(t.to(dtype).contiguous() for t, dtype in zip(out, _OUTPUT_DTYPES))
+
+
 @torch.library.custom_op("pjd::speculative_verify", mutates_args=())
 def _speculative_verify_op(
     logits: torch.Tensor, lane_start: torch.Tensor, lane_drafts: torch.Tensor, lane_rule: torch.Tensor,
@@ -183,16 +197,16 @@ def _speculative_verify_op(
     if backend == "triton":
         from pjd.kernels.speculative_verify import speculative_verify_triton
 
-        return tuple(speculative_verify_triton(*args))
-    return tuple(speculative_verify_reference(*args))
+        return _canonical(speculative_verify_triton(*args))
+    return _canonical(speculative_verify_reference(*args))
 
 
 @_speculative_verify_op.register_fake
-def _(logits, lane_start, lane_drafts, lane_rule, lane_slot, lane_room, draft_tokens, draft_q, *rest):
+def _(logits, lane_start, lane_drafts, lane_rule, lane_slot, lane_room, draft_tokens, draft_q, u_accept, u_sample,
+      init_tokens, cfg_scale, lo, hi, *rules):
     B, L, W = draft_tokens.shape
-    lane = lane_start.new_empty((B, L))
-    return (lane, lane.clone(), draft_tokens.new_empty((B, L, W + 1)), torch.empty_like(draft_tokens),
-            torch.empty_like(draft_q), lane_start.new_empty((B, L), dtype=torch.bool))
+    shapes = ((B, L), (B, L), (B, L, W + 1), (B, L, W), (B, L, W, hi - lo), (B, L))
+    return tuple(draft_tokens.new_empty(shape, dtype=dtype) for shape, dtype in zip(shapes, _OUTPUT_DTYPES))
 
 
 def speculative_verify(
@@ -233,7 +247,8 @@ def speculative_verify(
     lo, hi = _check_args(logits, lane_start, lane_drafts, lane_rule, lane_slot, lane_room, draft_tokens, draft_q,
                          u_accept, u_sample, init_tokens, image_token_range, cfg_scale, temperature, top_k, top_p,
                          reuse_threshold, draft_init, eol_token_id, row_slots, width, validate)
-    backend = resolve_backend(backend, logits.device)
+    backend = resolve_backend(backend, logits.device,
+                              lambda: triton_unsupported(("speculative_verify", draft_tokens.shape[-1], logits.dtype)))
     lanes = (logits, lane_start, lane_drafts, lane_rule, lane_slot, lane_room, draft_tokens, draft_q,
              u_accept, u_sample, init_tokens, float(cfg_scale))
     rules = (float(temperature), int(top_k), float(top_p), -1.0 if reuse_threshold is None else float(reuse_threshold),
@@ -241,7 +256,7 @@ def speculative_verify(
     if backend == "sdpa" and not torch.compiler.is_compiling():
         # The sdpa (CPU) path calls the torch implementation directly: on a CPU the custom-op dispatch
         # costs about as much as a small verification. Under torch.compile the registered op is traced.
-        out = speculative_verify_reference(*lanes, (int(lo), int(hi)), *rules)
+        out = _canonical(speculative_verify_reference(*lanes, (int(lo), int(hi)), *rules))
     else:
         out = _speculative_verify_op(*lanes, int(lo), int(hi), *rules, backend)
     return VerifyResult(*out)
