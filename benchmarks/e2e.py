@@ -11,9 +11,9 @@ Sections (each prints a table; everything is saved as JSON, plus PNG plots):
   topk      pjd vs ar over top-k
   cfg       pjd vs ar over the CFG scale
   ablation  pjd with and without the row-causal mask
-Every timed call (each method's configuration, each hf mode) follows one untimed warm-up call of
-the same configuration (pjd.timing.WarmUp: same settings, seed and batch), so kernel compilation and
-first-call costs are never counted; the JSON lists the warmed configurations under "warm_up".
+Every timed call (each method's configuration, each hf mode) follows an untimed warm-up of the same
+configuration (pjd.timing.WarmUp: the identical call where Triton kernels compile, one row of the grid
+where nothing does), so kernel compilation and first-call costs are never counted; the JSON lists the warmed configurations under "warm_up".
 Quality: mean NLL per token of the samples under the model itself (teacher-forced), the shipped
 classifier's accuracy on the requested classes and, for batches of >= 100 images
 (pjd.demo.FID_MIN_IMAGES), FID against the Fashion-MNIST test split (pjd.quality).

@@ -6,9 +6,10 @@ compression, wall seconds, speed-up over ar and over "hf" (transformers' own ``m
 the same prompts, CFG and sampling: pjd.baseline), NLL, the classifier's accuracy on the requested
 classes, and FID against the test split for batches of at least FID_MIN_IMAGES.
 
-Every timed decode (each method, and hf) follows one untimed warm-up call of the same method,
-settings, seed and batch (pjd.timing.WarmUp), so kernel compilation and first-call costs are never
-counted; the warmed configurations are listed under "warm_up" in demo.json.
+Every timed decode (each method, and hf) follows an untimed warm-up of the same method, settings,
+seed and batch (pjd.timing.WarmUp: the identical call where Triton kernels compile, one row of the
+grid where nothing does), so kernel compilation and first-call costs are never counted; the warmed
+configurations are listed under "warm_up" in demo.json.
 """
 from __future__ import annotations
 
@@ -99,8 +100,8 @@ def save_grid(dm, images: dict, labels: list[str], path: Path, scale: int = 3) -
 
 
 def print_table(rows: list[dict], device: str) -> None:
-    print(f"\ndevice: {device}; wall s: each method timed after an untimed warm-up call of it (same settings "
-          "and batch)")
+    print(f"\ndevice: {device}; wall s: each method timed after an untimed warm-up of its settings and batch "
+          "(pjd.timing.WarmUp)")
     cols = ["method", "steps", "step_compression", "per_image_compression", "seconds", "speedup", "speedup_vs_hf",
             "nll_per_token", "class_accuracy", "fid"]
     header = ["method", "steps", "compression", "per image", "wall s", "vs ar", "vs hf", "NLL/token", "class acc",
