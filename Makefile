@@ -7,4 +7,5 @@ demo:
 test:
 	bash scripts/test.sh
 bench: install
+	.venv/bin/python -m pip install -q -c constraints.txt matplotlib  # the charts (the bench extra)
 	.venv/bin/python benchmarks/run_all.py --out bench_out

@@ -87,9 +87,9 @@ setup(
     install_requires=["torch>=2.4", "transformers>=4.56", "numpy", "pillow", "safetensors", "tqdm"],
     extras_require={
         "triton": ["triton>=3.0"],
-        # Plots of benchmarks/e2e.py's Table-1 reproduction (optional: the table itself needs none).
+        # The benchmarks' charts (optional: their tables need none); the tests draw them too.
         "bench": ["matplotlib"],
-        "test": ["pytest", "pytest-xdist", "ninja", "triton>=3.0"],
+        "test": ["pytest", "pytest-xdist", "ninja", "triton>=3.0", "matplotlib"],
     },
     entry_points={"console_scripts": ["pjd=pjd.cli:main"]},
 )

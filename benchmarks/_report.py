@@ -1,35 +1,47 @@
-"""Report helpers of the benchmark scripts: PIL bar charts (pillow is a pjd dependency, matplotlib
-is not) and regenerated blocks of docs/performance.md."""
+"""Report helpers of the benchmark scripts: matplotlib charts (the optional ``bench`` extra:
+``pip install -e .[bench]``; without it the scripts print their tables and skip the charts) and
+regenerated blocks of docs/performance.md."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
 
-PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75))
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None (with a message) where matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib not installed (pip install -e .[bench]): no charts")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def bar_chart(bars: list[tuple[str, float]], path: Path, *, title: str, unit: str,
               colors: list[int] | None = None) -> None:
-    """One bar per (label, value); `colors` indexes PALETTE per bar (e.g. one colour per variant)."""
-    font = ImageFont.load_default()
-    row_h, label_w, bar_w, pad = 18, max(8 * max((len(b[0]) for b in bars), default=1), 80), 420, 10
-    width, height = label_w + bar_w + 110, 40 + row_h * len(bars) + pad
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    draw.text((pad, pad), title, fill="black", font=font)
-    top = max((v for _, v in bars if v == v), default=1.0) or 1.0  # skip NaN (not measured)
+    """One horizontal bar per (label, value), value written beside it; NaN = "not measured".
+    ``colors`` indexes matplotlib's colour cycle per bar (e.g. one colour per variant)."""
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(8, 0.8 + 0.28 * len(bars)))
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, value) in enumerate(bars):
-        y = 34 + i * row_h
-        draw.text((pad, y + 2), label, fill="black", font=font)
-        color = PALETTE[(colors[i] if colors else 0) % len(PALETTE)]
         if value == value:
-            draw.rectangle([label_w, y, label_w + int(bar_w * value / top), y + row_h - 4], fill=color)
-            draw.text((label_w + int(bar_w * value / top) + 4, y + 2), f"{value:.3g} {unit}",
-                      fill="black", font=font)
+            ax.barh(i, value, color=cycle[(colors[i] if colors else 0) % len(cycle)])
+            ax.annotate(f"{value:.3g} {unit}", (value, i), xytext=(3, 0), textcoords="offset points",
+                        va="center", fontsize=7)
         else:
-            draw.text((label_w, y + 2), "not measured", fill="gray", font=font)
-    img.save(path)
+            ax.annotate("not measured", (0, i), xytext=(3, 0), textcoords="offset points", va="center",
+                        fontsize=7, color="gray")
+    ax.set_yticks(range(len(bars)), [label for label, _ in bars], fontsize=7)
+    ax.invert_yaxis()
+    ax.set(title=title, xlabel=unit)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
@@ -50,44 +62,19 @@ def update_docs(block_name: str, text: str, path: Path = DOCS) -> None:
 
 def line_chart(series: dict[str, list[tuple[float, float]]], path: Path, *, title: str, xlabel: str,
                ylabel: str, log_x: bool = False) -> None:
-    """One polyline with markers per named series of (x, y) points, axes with min/max ticks."""
-    import math
-
-    font = ImageFont.load_default()
-    width, height, left, right, top, bottom = 560, 350, 60, 130, 40, 40
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    draw.text((left, 4), title, fill="black", font=font)
-    points = [p for pts in series.values() for p in pts if p[1] == p[1]]
-    fx = (lambda x: math.log2(x)) if log_x else (lambda x: x)
-    xs, ys = [fx(p[0]) for p in points], [p[1] for p in points]
-    x0, x1 = min(xs), max(xs)
-    y0, y1 = min(0.0, min(ys)), max(ys) * 1.08 or 1.0
-    x1 = x1 if x1 > x0 else x0 + 1
-
-    def to_px(x, y):
-        return (left + (fx(x) - x0) / (x1 - x0) * (width - left - right),
-                height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom))
-
-    draw.line([(left, top), (left, height - bottom), (width - right, height - bottom)], fill="black")
-    ticks = sorted({p[0] for p in points})
-    if len(ticks) > 8:  # label a few evenly spaced values, not every point
-        ticks = [ticks[round(i * (len(ticks) - 1) / 7)] for i in range(8)]
-    for value in ticks:
-        px, _ = to_px(value, y0)
-        draw.text((px - 6, height - bottom + 4), f"{value:g}", fill="black", font=font)
-    for frac in (0.0, 0.5, 1.0):
-        y = y0 + frac * (y1 - y0)
-        _, py = to_px(x0 if not log_x else 2 ** x0, y)
-        draw.text((4, py - 6), f"{y:.3g}", fill="black", font=font)
-    draw.text((left + 150, height - 16), xlabel, fill="black", font=font)
-    draw.text((4, top - 16), ylabel, fill="black", font=font)
-    for i, (name, pts) in enumerate(series.items()):
-        color = PALETTE[i % len(PALETTE)]
-        pix = [to_px(x, y) for x, y in pts if y == y]
-        if len(pix) > 1:
-            draw.line(pix, fill=color, width=2)
-        for px, py in pix if len(pix) <= 60 else ():  # markers only where they stay readable
-            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=color)
-        draw.text((width - right + 10, top + 14 * i), name, fill=color, font=font)
-    img.save(path)
+    """One line per named series of (x, y) points (markers while there are at most 60)."""
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for name, pts in series.items():
+        pts = [(x, y) for x, y in pts if y == y]
+        if pts:
+            ax.plot(*zip(*pts), marker="o" if len(pts) <= 60 else None, ms=3, label=name)
+    if log_x:
+        ax.set_xscale("log", base=2)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

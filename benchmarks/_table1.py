@@ -21,6 +21,8 @@ import torch
 
 from pjd.timing import WarmUp
 
+from _report import pyplot  # benchmarks/ is on sys.path (e2e.py puts it there)
+
 
 def table1_rows(width: int, contexts=None) -> list[tuple[str, dict]]:
     """(method, extra generate() kwargs) of each row, in run order: pjd at the default c = width/4
@@ -124,13 +126,8 @@ def markdown(rows: list[dict], device: str) -> str:
 def plot_table1(rows: list[dict], out: Path) -> list[Path]:
     """Step compression vs c (pjd, zipar) and FID vs step compression (every row), as PNG (matplotlib:
     the optional ``bench`` extra; without it, no plots and a message)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed (pip install -e .[bench]): no Table-1 plots")
+    plt = pyplot()
+    if plt is None:
         return []
     paths = []
     fig, ax = plt.subplots(figsize=(5, 3.5))

@@ -271,3 +271,15 @@ def test_microbenchmarks_time_only_after_a_warm_up(monkeypatch, tmp_path):
                      "--tails", "4", "--dtypes", "fp32", "--repeats", "1"])
     rows = json.loads((tmp_path / "compaction.json").read_text())["rows"]
     assert rows and all(r["native_ms"] < limit_ms and r["torch_ms"] < limit_ms for r in rows)
+
+
+def test_charts_are_drawn_by_matplotlib(tmp_path):
+    from PIL import Image
+
+    _report.bar_chart([("a", 1.0), ("b", float("nan")), ("c", 2.5)], tmp_path / "bar.png", title="t", unit="ms",
+                      colors=[0, 1, 0])
+    _report.line_chart({"pjd": [(1, 2.0), (2, 3.0), (4, float("nan"))], "zipar": [(1, 1.0)]}, tmp_path / "line.png",
+                       title="t", xlabel="c", ylabel="y", log_x=True)
+    for name in ("bar.png", "line.png"):
+        with Image.open(tmp_path / name) as img:
+            assert img.format == "PNG" and min(img.size) > 100
