@@ -34,14 +34,16 @@ def table1_rows(width: int, contexts=None) -> list[tuple[str, dict]]:
 
 
 class Row:
-    """One table row's accumulated samples: tokens, per-image steps, NLL, generation seconds."""
+    """One table row's accumulated samples: tokens, per-image steps, NLL, classifier features and
+    class hits (scored once per chunk, so a round's summary costs no more as the row grows),
+    generation seconds."""
 
     def __init__(self, method: str, kw: dict):
         self.method, self.kw = method, kw
-        self.tokens, self.steps, self.nll, self.seconds = [], [], [], 0.0
+        self.tokens, self.steps, self.nll, self.feats, self.correct, self.seconds = [], [], [], [], [], 0.0
 
     def decode_chunk(self, dm, labels: torch.Tensor, *, cfg_scale: float, seed: int, warm: WarmUp) -> None:
-        from pjd.quality import nll_per_token
+        from pjd.quality import class_correct, classifier_features, nll_per_token
 
         prompt = dm.prompt(labels)
         with torch.no_grad():
@@ -53,14 +55,15 @@ class Row:
         self.tokens.append(r.tokens.cpu())
         self.steps.append(r.steps_per_image.double().cpu())
         self.nll.append(nll_per_token(dm.model, r.tokens, prompt, image_token_range=dm.image_token_range).double())
+        images = dm.decode(r.tokens)
+        self.feats.append(classifier_features(images))
+        self.correct.append(class_correct(images, labels).double())
 
-    def summary(self, dm, labels: torch.Tensor, *, seed: int, n_boot: int = 200) -> dict:
-        from pjd.quality import bootstrap_ci, class_correct, classifier_features, fid
+    def summary(self, dm, *, seed: int, n_boot: int = 200) -> dict:
+        from pjd.quality import bootstrap_ci, fid
 
         tokens, steps, nll = torch.cat(self.tokens), torch.cat(self.steps), torch.cat(self.nll)
-        images = dm.decode(tokens)
-        feats = classifier_features(images)
-        correct = class_correct(images, labels[:len(tokens)]).double()
+        feats, correct = torch.cat(self.feats), torch.cat(self.correct)
         per_image = float(steps.mean())
         return dict(method=self.method, **self.kw, samples=len(tokens), steps_per_image=per_image,
                     step_compression=dm.height * dm.width / per_image, seconds=self.seconds,
@@ -85,7 +88,7 @@ def run_table1(dm, *, samples: int, batch: int, cfg_scale: float, seed: int, out
     for i, first in enumerate(range(0, samples, batch)):
         for row in rows:
             row.decode_chunk(dm, labels[first:first + batch], cfg_scale=cfg_scale, seed=seed + i, warm=warm)
-        summaries = [row.summary(dm, labels, seed=seed) for row in rows]
+        summaries = [row.summary(dm, seed=seed) for row in rows]
         ar = next((r["seconds"] for r in summaries if r["method"] == "ar"), None)
         for r in summaries:
             r["speedup"] = ar / r["seconds"] if ar else None
