@@ -145,7 +145,8 @@ def plot_table1(rows: list[dict], out: Path) -> list[Path]:
             ax.annotate(m, (ax.get_xlim()[0], r["step_compression"]), fontsize=8, va="bottom")
     ax.set(xlabel="context c (committed tokens before the next row starts)", ylabel="step compression (x)",
            title="Step compression vs context c")
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # no pjd / zipar row: nothing to label
+        ax.legend()
     fig.tight_layout()
     paths.append(out / "table1_compression_vs_context.png")
     fig.savefig(paths[-1], dpi=120)
