@@ -177,10 +177,12 @@ def _canonical(out) -> tuple[torch.Tensor, ...]:
     """Outputs as registered (the fake below): VerifyResult's dtypes, contiguous.
 
     The reference's dtypes follow type promotion of its inputs (an fp64 draft_q gives an fp64
-    next_q) and its strides TensorIterator's choices (strided inputs give strided outputs). Both
-    conversions are no-ops on outputs that are already canonical.
+    next_q) and its strides TensorIterator's choices (strided inputs give strided outputs). Outputs
+    that are already canonical (every step of the engine) are returned as they are, with no op
+    dispatched: this runs on the sdpa path's every step.
     """
-    return tuple(t.to(dtype).contiguous() for t, dtype in zip(out, _OUTPUT_DTYPES))
+    return tuple(t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous()
+                 for t, dtype in zip(out, _OUTPUT_DTYPES))
 
 
 @torch.library.custom_op("pjd::speculative_verify", mutates_args=())
