@@ -66,6 +66,7 @@ def native_extensions():
     cuda_home = find_cuda_home() if want_cuda else None
     if cuda_home:  # read by torch.utils.cpp_extension when it is imported (next line)
         os.environ["CUDA_HOME"] = cuda_home
+        print(f"pjd: CUDA_HOME={cuda_home}", file=sys.stderr)
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     def warn_failed(name, err):
