@@ -6,8 +6,8 @@ Sections (each prints a table; everything is saved as JSON, plus PNG plots):
             (--llamagen-repo or $PJD_LLAMAGEN_REPO), LlamaGen's own sampler on the same checkpoint
             ("llamagen": its generate(), eager; "llamagen-compiled": its model compiled as its sample
             scripts' --compile; pjd.baseline.OfficialLlamaGen), runs interleaved (ar, hf, ..., pjd,
-            repeated) so load hits all alike: median and min, speed-ups vs hf, ar and llamagen, step
-            compression, torch ops dispatched per decoding step outside the model forward, and the
+            repeated, after an untimed pass) so load hits all alike: median and min wall time,
+            median CPU time of the process, speed-ups vs hf, ar and llamagen, step compression, torch ops dispatched per decoding step outside the model forward, and the
             compile time of llamagen-compiled apart (its first call minus its median call)
   methods   ar / sjd / sjd++ / zipar / pjd at their defaults
   context   pjd and zipar over the row-activation context c (step compression and quality vs c)
@@ -176,10 +176,14 @@ def speed_section(bench: "Bench", methods: list[str], repeats: int, hf_modes: li
     cells.update({m: (lambda m=m: bench.llamagen(m)[1]) if m in LLAMAGEN else (lambda m=m: bench.generate(m).wall_seconds)
                   for m in methods})
     order = [m for m in methods if m == "ar"] + list(cells)[:len(hf_modes)] + [m for m in methods if m != "ar"]
-    times = {name: [] for name in order}  # each cell's first call warms it up first (bench.warm), untimed
+    for name in order:  # untimed: a cell's first call runs its warm-up (bench.warm) before the call itself
+        cells[name]()
+    times, cpu_times = {name: [] for name in order}, {name: [] for name in order}
     for _ in range(repeats):
         for name in order:
+            cpu = time.process_time()
             times[name].append(cells[name]() / bench.batch)
+            cpu_times[name].append((time.process_time() - cpu) / bench.batch)
     rows = []
     for name in order:
         extra = {}  # baseline-specific columns
@@ -206,13 +210,14 @@ def speed_section(bench: "Bench", methods: list[str], repeats: int, hf_modes: li
         rows.append(dict(method=name, steps=steps, step_compression=ar_steps / steps,
                          per_image_compression=ar_steps / steps_per_image,
                          median_s_per_image=statistics.median(times[name]), min_s_per_image=min(times[name]),
+                         median_cpu_s_per_image=statistics.median(cpu_times[name]),
                          ops_per_step=None if ops is None else ops / steps, **extra))
     hf = min((r for r in rows if r["method"].startswith("hf-")), key=lambda r: r["median_s_per_image"], default=None)
     refs = dict(hf=hf, **{m: next((r for r in rows if r["method"] == m), None) for m in ("ar", *LLAMAGEN)})
     for r in rows:
         for ref_name, ref in refs.items():
-            r[f"speedup_vs_{ref_name.replace('-', '_')}"] = (ref["median_s_per_image"] / r["median_s_per_image"]
-                                                              if ref else None)
+            for prefix, key in (("", "median_s_per_image"), ("cpu_", "median_cpu_s_per_image")):
+                r[f"{prefix}speedup_vs_{ref_name.replace('-', '_')}"] = ref[key] / r[key] if ref else None
     return rows
 
 
@@ -322,7 +327,9 @@ def main(argv=None) -> dict:
         rows = speed_section(bench, speed_methods, args.repeats, hf_modes)
         llamagen = [m for m in LLAMAGEN if m in speed_methods]
         text += (f"\nSpeed (`--speed-methods {','.join(speed_methods)}`): {args.repeats} interleaved repeats after a "
-                 f"warm-up, seconds per image (wall time of the call / batch); hf = transformers' `model.generate` "
+                 f"warm-up pass, seconds per image (wall time of the call / batch; `median_cpu_s_per_image`: the "
+                 f"process's CPU time around the call, which a shared machine's load distorts less, and "
+                 f"`cpu_speedup_*` its ratios); hf = transformers' `model.generate` "
                  f"(sdpa attention), the faster CFG mode by median; `ops_per_step` = torch ops called from Python per "
                  f"decoding step outside the model forward (a TorchFunctionMode count; hf, llamagen: per generated "
                  f"token).\n")
@@ -334,7 +341,8 @@ def main(argv=None) -> dict:
                      "seconds), never in the timed figures.\n")
         section("speed", rows, ["method", "steps", "step_compression", "per_image_compression",
                                 "median_s_per_image", "min_s_per_image", "speedup_vs_hf", "speedup_vs_ar",
-                                *[f"speedup_vs_{m.replace('-', '_')}" for m in llamagen], "ops_per_step",
+                                *[f"speedup_vs_{m.replace('-', '_')}" for m in llamagen], "median_cpu_s_per_image",
+                                *[f"cpu_speedup_vs_{m.replace('-', '_')}" for m in llamagen], "ops_per_step",
                                 *(["compile_s"] if "llamagen-compiled" in llamagen else [])],
                 f"Wall time per image beside hf{' and LlamaGen' if llamagen else ''} (batch {args.batch})")
         for r in rows:
