@@ -183,21 +183,23 @@ class OfficialLlamaGen:
     Args:
         gpt_checkpoint: a LlamaGen c2i GPT file in the release layout (``pjd.models.load_llamagen`` reads
             the same files; the embedded default model's ``gpt.pt`` is one: ``OfficialLlamaGen.default()``).
-        gpt_model, image_size, downsample: as ``pjd.models.load_llamagen`` (the architecture and token grid);
-            codebook size and number of classes come from the checkpoint's shapes.
+        gpt_model, image_size, downsample, trust_checkpoint: as ``pjd.models.load_llamagen`` (the
+            architecture, the token grid, how the file is unpickled); codebook size and number of classes
+            come from the checkpoint's shapes.
         repo: the official checkout (see ``llamagen_repo``).
         device, dtype: where their model runs (their sample script defaults to bf16 on CUDA; pjd's default
             model runs fp32).
     """
 
     def __init__(self, gpt_checkpoint, *, gpt_model, image_size: int, downsample: int = 16, repo=None,
-                 device="cpu", dtype: torch.dtype = torch.float32):
-        from pjd.models.base import load_pickle
+                 device="cpu", dtype: torch.dtype = torch.float32, trust_checkpoint: bool = False):
+        from pjd.models.base import load_checkpoint
         from pjd.models.llamagen import _arch, _check_weights, _release_state_dict
 
         arch = _arch(gpt_model)
         self.repo = llamagen_repo(repo)
-        sd = _release_state_dict(load_pickle(gpt_checkpoint, "gpt_checkpoint"))
+        sd = _release_state_dict(load_checkpoint(gpt_checkpoint, "gpt_checkpoint",
+                                                  trust_checkpoint=trust_checkpoint))
         codebook_size, num_classes = _check_weights(sd, arch, gpt_model)
         self.grid = image_size // downsample
         gpt, self._generate = _import_llamagen(self.repo)
