@@ -155,7 +155,8 @@ def _importable(name: str) -> bool:
 
 def kernels_stage(raw: Path) -> None:
     """Verification and attention microbenchmarks (per-call and graph-replayed times)."""
-    for script, args in (("verify.py", ["--out", raw / "verify"]), ("attention.py", ["--quick", "--out", raw / "attention"])):
+    for script, args in (("verify.py", ["--out", raw / "verify"]), ("attention.py", ["--quick", "--out", raw / "attention"]),
+                         ("roofline.py", ["--no-docs", "--ceilings", raw / "env.json", "--out", raw / "roofline"])):
         rc = subprocess.run([_python(), str(ROOT / "benchmarks" / script), *map(str, args)], cwd=ROOT).returncode
         if rc:
             raise SystemExit(f"benchmarks/{script} exited {rc}")
