@@ -51,6 +51,41 @@ DEVICES = (
 )
 
 
+def measure_ceilings(device, *, copy_bytes: int = 1 << 30, matmul_n: int = 8192, iters: int = 20) -> dict:
+    """The two ceilings every GPU ratio uses, measured on ``device`` (CUDA) in this process.
+
+    copy_bytes_per_s: a device-to-device copy of ``copy_bytes`` (read + write counted), median of
+    ``iters`` copies timed with CUDA events; bf16_flops_per_s: ``matmul_n``^3 bf16 matmuls of random
+    data (2 n^3 flops each), median. Datasheet values (DEVICES) are upper bounds these rarely reach.
+    """
+    import statistics
+
+    import torch
+
+    def median_ms(fn):
+        fn()
+        torch.cuda.synchronize(device)
+        times = []
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+
+    src = torch.empty(copy_bytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    copy_ms = median_ms(lambda: dst.copy_(src))
+    del src, dst
+    a = torch.randn(matmul_n, matmul_n, dtype=torch.bfloat16, device=device)
+    b = torch.randn(matmul_n, matmul_n, dtype=torch.bfloat16, device=device)
+    mm_ms = median_ms(lambda: a @ b)
+    return dict(copy_bytes_per_s=2 * copy_bytes / (copy_ms * 1e-3), copy_bytes=copy_bytes, copy_ms=copy_ms,
+                bf16_flops_per_s=2 * matmul_n ** 3 / (mm_ms * 1e-3), matmul_n=matmul_n, matmul_ms=mm_ms)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture and image layout of one model. Counts are the published configs."""

@@ -106,7 +106,7 @@ def reference_greedy(sd, label, cfg_scale, grid=GRID):
 def release(tmp_path_factory):
     sd = release_state_dict()
     path = tmp_path_factory.mktemp("llamagen") / "c2i_tiny_48.pt"
-    # As LlamaGen's DDP trainer saves (train_c2i.py): the args Namespace needs the full unpickler.
+    # As LlamaGen's DDP trainer saves (train_c2i.py), args Namespace included: read without trust_checkpoint.
     torch.save({"model": sd, "optimizer": {"state": {}}, "steps": 10, "args": argparse.Namespace(gpt_model="custom")},
                path)
     return sd, path
@@ -114,8 +114,7 @@ def release(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(release):
-    with pytest.warns(UserWarning, match="full unpickler"):
-        return load_llamagen(release[1], gpt_model=ARCH, image_size=GRID * 16)
+    return load_llamagen(release[1], gpt_model=ARCH, image_size=GRID * 16)
 
 
 def test_logits_equal_reference(release, model):
@@ -231,7 +230,6 @@ def test_release_shapes_convert(name, layers, heads, dim):
     assert model.model.rotary_emb.cos.shape == (1 + 24 * 24, dim // heads)
 
 
-@pytest.mark.filterwarnings("ignore:.*full unpickler")
 def test_bad_inputs(tmp_path, release):
     sd, path = release
     with pytest.raises(ValueError, match="gpt_model"):

@@ -12,9 +12,12 @@ subclass of a supported class is served too); ``decode_images(model, tokens)`` t
 """
 from __future__ import annotations
 
+import argparse
 import importlib
-import warnings
+import pickle
+import re
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -212,17 +215,52 @@ def check_grid_size(height, width) -> None:
             raise ValueError(f"{name} must be a positive int (image tokens), got {v!r}")
 
 
-def load_pickle(path, what: str):
-    """torch.load of a release checkpoint: the safe loader first; checkpoints that pickle more than tensors
-    (training state, as LlamaGen's and Lightning's trainers write) need the full unpickler."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{what} {str(path)!r} does not exist") from None
-    except Exception as safe_error:  # noqa: BLE001 (the unpickler raises several types)
-        warnings.warn(f"{what} {path}: not loadable with weights_only=True ({type(safe_error).__name__}); loading "
-                      "it with the full unpickler: only do this with files you trust", stacklevel=3)
+# Globals a release checkpoint may hold besides tensors, containers and numbers, which torch's weights-only
+# unpickler reads by default. LlamaGen's trainers (autoregressive/train/train_c2i.py, tokenizer/tokenizer_image/
+# vq_train.py) save {"model", "optimizer", "steps", "args"[, "ema", "discriminator", "optimizer_disc"]} where
+# "args" is their argparse.Namespace (plain values only); nothing else in the official files needs a global.
+# argparse.Namespace only sets attributes from the (already restricted) values it is given: no code runs.
+RELEASE_GLOBALS = (argparse.Namespace,)
+
+
+class UntrustedCheckpointError(pickle.UnpicklingError):
+    """A checkpoint pickles objects that pjd does not rebuild without ``trust_checkpoint=True``."""
+
+
+def load_checkpoint(path, what: str, *, trust_checkpoint: bool = False):
+    """A release checkpoint's contents, without running code from the file unless asked.
+
+    ``*.safetensors`` is read with safetensors (a flat state dict). A torch pickle is read with torch's
+    weights-only unpickler, which rebuilds tensors, containers and numbers plus ``RELEASE_GLOBALS``;
+    a file that needs any other object fails with an error naming it and ``trust_checkpoint``. Only
+    ``trust_checkpoint=True`` (as transformers' ``trust_remote_code``: for files you trust, since a
+    pickle can run any code while it is read) uses the full unpickler.
+    """
+    if not isinstance(trust_checkpoint, bool):
+        raise TypeError(f"trust_checkpoint must be True or False, got {trust_checkpoint!r}")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    if trust_checkpoint:
         return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        with torch.serialization.safe_globals(list(RELEASE_GLOBALS)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        text = str(err)  # torch's wording varies across versions
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+        why = (f"it pickles {found.group(1)}" if found else detail.group(1)[:200] if detail
+               else text.splitlines()[0][:200])
+        raise UntrustedCheckpointError(
+            f"{what} {str(path)!r} holds more than weights ({why}). pjd reads checkpoints with torch's "
+            "weights-only unpickler, because a pickle can run any code while it is read. If you trust this "
+            f"file, pass trust_checkpoint=True; or save its weights as .safetensors (or a torch file of "
+            "tensors only) and load that.") from None
 
 
 def to_pil(pixels: torch.Tensor) -> list:

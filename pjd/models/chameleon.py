@@ -158,7 +158,8 @@ def _expand_qk_norms(state_dict: dict, config) -> dict:
     return out
 
 
-def load_lumina_mgpt(path, *, vqgan_checkpoint=None, device="cpu", dtype: torch.dtype = torch.bfloat16):
+def load_lumina_mgpt(path, *, vqgan_checkpoint=None, device="cpu", dtype: torch.dtype = torch.bfloat16,
+                     trust_checkpoint: bool = False):
     """Lumina-mGPT's published weights as a ``ChameleonForConditionalGeneration`` (eval mode).
 
     Args:
@@ -167,6 +168,10 @@ def load_lumina_mgpt(path, *, vqgan_checkpoint=None, device="cpu", dtype: torch.
         vqgan_checkpoint: optional Meta Chameleon ``vqgan.ckpt`` (``{"state_dict": ...}``, taming names):
             fills the VQ encoder and attaches the VQGAN decoder used by ``pjd.models.decode_images``.
         device, dtype: where the transformer's weights go (Lumina-mGPT runs in bf16); the VQ stays fp32.
+        trust_checkpoint: ``vqgan.ckpt`` is a torch pickle, read with the weights-only unpickler (tensors,
+            containers, numbers); ``True`` allows the full unpickler for a file that holds other objects,
+            which can run code from the file: only for files you trust. The transformer's safetensors
+            never need it.
     """
     from transformers import ChameleonConfig, ChameleonForConditionalGeneration
 
@@ -176,16 +181,17 @@ def load_lumina_mgpt(path, *, vqgan_checkpoint=None, device="cpu", dtype: torch.
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     config = ChameleonConfig.from_pretrained(path)
-    state_dict = _expand_qk_norms(_read_safetensors(path), config)
     decoder = None
-    if vqgan_checkpoint is not None:
+    if vqgan_checkpoint is not None:  # the small file first: a refused one fails before the 7B weights load
         from .vq import chameleon_vqgan_decoder, read_chameleon_vqgan
 
-        vqgan = read_chameleon_vqgan(vqgan_checkpoint)
+        vqgan = read_chameleon_vqgan(vqgan_checkpoint, trust_checkpoint=trust_checkpoint)
         decoder = chameleon_vqgan_decoder(vqgan, config.vq_config)
-        if not any(k.startswith("model.vqmodel.") for k in state_dict):  # transformers' VQ uses taming's names
-            state_dict.update({"model.vqmodel." + k: v for k, v in vqgan.items()
-                               if k.startswith(("encoder.", "quant_conv.", "post_quant_conv.", "quantize.embedding."))})
+    state_dict = _expand_qk_norms(_read_safetensors(path), config)
+    if vqgan_checkpoint is not None and not any(k.startswith("model.vqmodel.") for k in state_dict):
+        # transformers' VQ uses taming's names
+        state_dict.update({"model.vqmodel." + k: v for k, v in vqgan.items()
+                           if k.startswith(("encoder.", "quant_conv.", "post_quant_conv.", "quantize.embedding."))})
     model, info = ChameleonForConditionalGeneration.from_pretrained(
         None, config=config, state_dict=state_dict, dtype=dtype, output_loading_info=True)
     missing = [k for k in info["missing_keys"] if not k.startswith("model.vqmodel.")]

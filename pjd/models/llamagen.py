@@ -43,7 +43,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 
 from pjd.ops._checks import integer
 
-from .base import check_codebook_ids, check_grid_size, engine_kwargs, load_pickle, to_pil
+from .base import check_codebook_ids, check_grid_size, engine_kwargs, load_checkpoint, to_pil
 
 
 @dataclass(frozen=True)
@@ -261,12 +261,14 @@ def _check_weights(sd: dict, arch: LlamaGenArch, name) -> tuple[int, int]:
 
 
 def load_llamagen(gpt_checkpoint, *, gpt_model, image_size: int, downsample: int = 16, vq_checkpoint=None,
-                  vq_model=None, device="cpu", dtype: torch.dtype = torch.float32) -> LlamaGenForCausalLM:
+                  vq_model=None, device="cpu", dtype: torch.dtype = torch.float32,
+                  trust_checkpoint: bool = False) -> LlamaGenForCausalLM:
     """A LlamaGen c2i release checkpoint as a ``LlamaGenForCausalLM`` (eval mode) for ``pjd.generate``.
 
     Args:
         gpt_checkpoint: path of a ``c2i_*.pt`` (a torch pickle: ``{"model": state_dict}`` for B/L/XL,
-            the bare state dict for the FSDP-trained XXL/3B; ``"module"``/``"state_dict"`` also read).
+            the bare state dict for the FSDP-trained XXL/3B; ``"module"``/``"state_dict"`` also read),
+            or a ``*.safetensors`` of the same state dict (LlamaGen's ``push_to_hub`` layout).
         gpt_model: ``"GPT-B" | "GPT-L" | "GPT-XL" | "GPT-XXL" | "GPT-XXXL" | "GPT-3B"``, or a
             ``LlamaGenArch`` / dict of its fields for custom sizes.
         image_size, downsample: pixels and the VQ's downsampling; the token grid is their quotient
@@ -276,6 +278,10 @@ def load_llamagen(gpt_checkpoint, *, gpt_model, image_size: int, downsample: int
         vq_model: the VQ architecture (``pjd.models.vq.VQConfig`` or dict of its fields); default
             LlamaGen's VQ-16 / VQ-8 by ``downsample``, codebook size and dim from the checkpoint.
         device, dtype: where the weights go (the 2-D RoPE table is built in fp32 and cast per call).
+        trust_checkpoint: ``False`` (default) reads torch pickles with the weights-only unpickler (tensors,
+            containers, numbers and the trainer's ``argparse.Namespace``: all the official files hold) and
+            refuses any other object; ``True`` allows the full unpickler, which can run code from the
+            file: only for files you trust.
     Returns:
         LlamaGenForCausalLM; prompts from ``llamagen_prompt(labels, model=model, cfg_scale=...)``.
     """
@@ -287,7 +293,7 @@ def load_llamagen(gpt_checkpoint, *, gpt_model, image_size: int, downsample: int
         raise ValueError(f"image_size={image_size} must be a multiple of downsample={downsample}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    sd = _release_state_dict(load_pickle(gpt_checkpoint, "gpt_checkpoint"))
+    sd = _release_state_dict(load_checkpoint(gpt_checkpoint, "gpt_checkpoint", trust_checkpoint=trust_checkpoint))
     codebook_size, num_classes = _check_weights(sd, arch, gpt_model)
     config = llamagen_config(arch, codebook_size=codebook_size, num_classes=num_classes,
                              grid_size=image_size // downsample)
@@ -301,7 +307,8 @@ def load_llamagen(gpt_checkpoint, *, gpt_model, image_size: int, downsample: int
 
         # fp32 whatever the GPT's dtype, as LlamaGen's sample script runs its VQ.
         model.image_decoder = load_llamagen_vq(vq_checkpoint, downsample=downsample, vq_model=vq_model,
-                                               codebook_size=codebook_size).to(device)
+                                               codebook_size=codebook_size,
+                                               trust_checkpoint=trust_checkpoint).to(device)
     return model.eval()
 
 

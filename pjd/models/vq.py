@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import load_pickle
+from .base import load_checkpoint
 
 
 @dataclass(frozen=True)
@@ -176,9 +176,11 @@ def load_decoder(state_dict: dict, config: VQConfig, what: str) -> VQDecoder:
     return decoder.eval()
 
 
-def load_llamagen_vq(path, *, downsample: int, vq_model=None, codebook_size: int | None = None) -> VQDecoder:
-    """LlamaGen's ``vq_ds16_c2i.pt`` / ``vq_ds8_c2i.pt`` (``{"model": state_dict}``) as a VQDecoder."""
-    ckpt = load_pickle(path, "vq_checkpoint")
+def load_llamagen_vq(path, *, downsample: int, vq_model=None, codebook_size: int | None = None,
+                     trust_checkpoint: bool = False) -> VQDecoder:
+    """LlamaGen's ``vq_ds16_c2i.pt`` / ``vq_ds8_c2i.pt`` (``{"model": state_dict}``, or its ``*.safetensors``)
+    as a VQDecoder (``trust_checkpoint``: as ``pjd.models.load_llamagen``)."""
+    ckpt = load_checkpoint(path, "vq_checkpoint", trust_checkpoint=trust_checkpoint)
     sd = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict) or "quantize.embedding.weight" not in sd:
         raise ValueError(f"vq_checkpoint {str(path)!r} is not a LlamaGen VQ checkpoint ({{'model': state_dict}} "
@@ -224,9 +226,10 @@ def chameleon_vq_config(vq_config) -> VQConfig:
                     l2_norm=False)
 
 
-def read_chameleon_vqgan(path) -> dict:
-    """The state dict of Meta's Chameleon ``vqgan.ckpt`` (a Lightning checkpoint, ``{"state_dict": ...}``)."""
-    ckpt = load_pickle(path, "vqgan_checkpoint")
+def read_chameleon_vqgan(path, *, trust_checkpoint: bool = False) -> dict:
+    """The state dict of Meta's Chameleon ``vqgan.ckpt`` (a Lightning checkpoint, ``{"state_dict": ...}``;
+    ``trust_checkpoint``: as ``pjd.models.load_llamagen``)."""
+    ckpt = load_checkpoint(path, "vqgan_checkpoint", trust_checkpoint=trust_checkpoint)
     sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict) or "quantize.embedding.weight" not in sd:
         raise ValueError(f"vqgan_checkpoint {str(path)!r} is not a Chameleon VQGAN checkpoint ({{'state_dict': ...}} "
@@ -240,9 +243,9 @@ def chameleon_vqgan_decoder(state_dict: dict, vq_config) -> VQDecoder:
     return load_decoder(taming_to_llamagen_keys(state_dict, len(config.ch_mult)), config, "vqgan_checkpoint")
 
 
-def load_chameleon_vqgan(path, vq_config) -> VQDecoder:
+def load_chameleon_vqgan(path, vq_config, *, trust_checkpoint: bool = False) -> VQDecoder:
     """Meta's Chameleon ``vqgan.ckpt`` as a VQDecoder (``vq_config``: the model's ``config.vq_config``)."""
-    return chameleon_vqgan_decoder(read_chameleon_vqgan(path), vq_config)
+    return chameleon_vqgan_decoder(read_chameleon_vqgan(path, trust_checkpoint=trust_checkpoint), vq_config)
 
 
 __all__ = ["VQConfig", "VQDecoder", "LLAMAGEN_VQ", "load_decoder", "load_llamagen_vq", "load_chameleon_vqgan",
