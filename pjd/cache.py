@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pjd.ops.draft_attention import draft_attention_step, sdpa_mask
+
 HIDDEN_POS = torch.iinfo(torch.int32).max
 
 
@@ -135,8 +137,6 @@ class ActiveStep:
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pos: torch.Tensor, k_group: torch.Tensor,
                scale: float) -> torch.Tensor:
         """Row-causal attention of this step's queries over the cache's keys (``[B, Hq, Nq, D]``)."""
-        from pjd.ops.draft_attention import draft_attention_step, sdpa_mask
-
         step = self.step
         if self._mask is None and self.backend != "triton":
             self._mask = sdpa_mask(step.q_pos, step.q_group, k_pos, k_group)
