@@ -70,11 +70,12 @@ DOCS_DIR = Path(__file__).resolve().parent.parent / "docs" / "e2e"
 
 
 class Bench:
-    def __init__(self, model_name: str, batch: int, seed: int, cfg_scale: float, llamagen_repo=None):
+    def __init__(self, model_name: str, batch: int, seed: int, cfg_scale: float, llamagen_repo=None, device="cpu"):
+        self.device = torch.device(device)
         if model_name == "default":
             from pjd.models import default
 
-            dm = default()
+            dm = default(device=self.device)
             self.model, self.height, self.width = dm.model, dm.height, dm.width
             self.image_range = dm.image_token_range
             self.prompt = dm.prompt(torch.arange(batch) % len(dm.class_names))
@@ -83,11 +84,12 @@ class Bench:
         else:  # tiny random-weight model: exercises the code, says nothing about acceptance
             from pjd.models import tiny_llama
 
-            self.model = tiny_llama(264, hidden_size=64, logit_scale=3.0)
+            self.model = tiny_llama(264, hidden_size=64, logit_scale=3.0).to(self.device)
             self.height = self.width = 16
             self.image_range = (0, 256)
             self.prompt = torch.randint(256, 263, (batch, 1), generator=torch.Generator().manual_seed(seed))
-            self.null = torch.full((batch, 1), 263)
+            self.prompt = self.prompt.to(self.device)
+            self.null = torch.full((batch, 1), 263, device=self.device)
             self.decode = None
         self.labels = torch.arange(batch) % 10
         self.batch, self.seed, self.cfg_scale = batch, seed, cfg_scale
@@ -284,6 +286,7 @@ def main(argv=None) -> dict:
     p.add_argument("--hf-cfg", choices=["both", "batched", "guidance"], default="both",
                    help="hf's CFG: one doubled batch, generate's own guidance_scale, or both (the faster is hf)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: as OMP_NUM_THREADS)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]: where the model and every decode run")
     p.add_argument("--quick", action="store_true",
                    help="speed section only, batch 1, methods ar,pjd, hf batched: --sections speed --batch 1 "
                         "--speed-methods ar,pjd --hf-cfg batched")
@@ -318,8 +321,10 @@ def main(argv=None) -> dict:
             p.error(f"--speed-methods llamagen / llamagen-compiled: {e}")
     out = Path(args.out) / "e2e"  # e2e_<sections>.json, so runs of different sections do not overwrite
     out.mkdir(parents=True, exist_ok=True)
-    device = device_name(torch.device("cpu"))
-    bench = Bench(args.model, args.batch, args.seed, args.cfg_scale, args.llamagen_repo)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"argument --device: {args.device} requested but CUDA is not available")
+    device = device_name(torch.device(args.device))
+    bench = Bench(args.model, args.batch, args.seed, args.cfg_scale, args.llamagen_repo, device=args.device)
     w = bench.width
     contexts = sorted({1, 2, max(1, w // 8), max(1, w // 4), max(1, w // 2), w})
     report = dict(device=device, model=args.model, batch=args.batch, seed=args.seed, cfg_scale=args.cfg_scale,
@@ -329,8 +334,9 @@ def main(argv=None) -> dict:
             f"CFG {args.cfg_scale}, seed {args.seed}. `step_compression` = AR steps / forward passes of the batch "
             f"(the slowest image sets them); `per_image_compression` = AR steps / mean steps each image needed "
             f"(the paper's batch-1 figure); `nll_sem` = standard error of the mean NLL over the images. Every timed "
-            f"call follows an untimed warm-up call of its configuration. Wall seconds are CPU times: per-step compute "
-            f"on a CPU grows with the inputs per step, so they say nothing about GPU latency.\n")
+            f"call follows an untimed warm-up call of its configuration. "
+            + ("Wall seconds are CPU times: per-step compute on a CPU grows with the inputs per step, so they say "
+               "nothing about GPU latency.\n" if bench.device.type == "cpu" else "Wall seconds are GPU times.\n"))
     cols = ["method", "steps", "step_compression", "per_image_compression", "seconds", "overhead_share",
             "nll_per_token", "nll_sem", "class_accuracy", "fid"]
 
@@ -398,6 +404,7 @@ def main(argv=None) -> dict:
                 "Row-causal mask ablation")
 
     report["warm_up"] = bench.warm.log
+    report["warm_up_reruns"] = bench.warm.reruns
     json_path = out / f"e2e_{'_'.join(sections)}.json"
     json_path.write_text(json.dumps(report, indent=2))
     print(f"\ndevice: {device}; wrote {json_path} and plots")

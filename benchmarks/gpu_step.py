@@ -339,6 +339,32 @@ def add_ratios(rows: list[dict], copy_bytes_per_s: float | None) -> None:
                 r[f"{kind}_of_copy_bandwidth"] = r[f"{kind}_bytes_per_s"] / copy_bytes_per_s
 
 
+def projections(rows: list[dict]) -> list[dict]:
+    """PROJECTIONS, not measurements: image latency = the PJD paper's step counts (roofline.MODELS) x
+    the measured graph-replayed ms per step, averaged over the KV fills (ar: 1 input; pjd: 4 rows x 8)."""
+    from roofline import MODELS
+
+    steps = {m.name: (m.ar_steps, m.pjd_steps) for m in MODELS}
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        key = next((name for name in steps if model.startswith(name)), None)
+
+        def mean_ms(method, n_rows):
+            ms = [r["graph_ms"] for r in rows if r["model"] == model and r["method"] == method
+                  and r["rows"] == n_rows and r.get("graph_ms") is not None]
+            return sum(ms) / len(ms) if ms else None
+
+        ar_ms, pjd_ms = mean_ms("ar", 1), mean_ms("pjd", 4)
+        if key is None or None in steps[key] or ar_ms is None or pjd_ms is None:
+            continue
+        ar_steps, pjd_steps = steps[key]
+        out.append(dict(model=model, kind="PROJECTION (paper step counts x measured ms/step)",
+                        ar_steps=ar_steps, pjd_steps=pjd_steps, ar_ms_per_step=ar_ms, pjd_ms_per_step=pjd_ms,
+                        ar_image_ms=ar_steps * ar_ms, pjd_image_ms=pjd_steps * pjd_ms,
+                        speedup=ar_steps * ar_ms / (pjd_steps * pjd_ms)))
+    return out
+
+
 def markdown(rows: list[dict], device: str, copy_bytes_per_s: float | None) -> str:
     bw = f"{copy_bytes_per_s / 1e12:.2f} TB/s measured" if copy_bytes_per_s else "not measured"
     lines = [f"One step (forward of the CFG batch + verification) on {device}; copy bandwidth {bw}.",
@@ -354,6 +380,10 @@ def markdown(rows: list[dict], device: str, copy_bytes_per_s: float | None) -> s
         lines.append(f"| {r['model']} | {r['method']} | {shape} | {r['fill']:.0%} | {r['keys']} | {f(r.get('eager_ms'), '.3f')} "
                      f"| {f(r.get('graph_ms'), '.3f')} | {f(r.get('eager_vs_ar'), '.2f')} | {f(r.get('graph_vs_ar'), '.2f')} "
                      f"| {r['bytes_per_step'] / 1e9:.3f} | {f(r.get('graph_of_copy_bandwidth'), '.0%')} | {r.get('graph', '-')} |")
+    for p in projections(rows):
+        lines.append(f"\n{p['model']}: PROJECTION, not a measurement: ar {p['ar_steps']} steps x {p['ar_ms_per_step']:.2f} ms "
+                     f"= {p['ar_image_ms']:.0f} ms/image; pjd {p['pjd_steps']} steps x {p['pjd_ms_per_step']:.2f} ms (4 rows x 8) "
+                     f"= {p['pjd_image_ms']:.0f} ms/image; {p['speedup']:.2f}x (step counts: the PJD paper's)")
     return "\n".join(lines) + "\n"
 
 
@@ -404,7 +434,7 @@ def main(argv=None) -> dict:
     add_ratios(rows, copy_bw)
     name = device_name(device)
     report = dict(device=name, dtype=str(dtype).removeprefix("torch."), toy=args.toy, iters=iters,
-                  copy_bytes_per_s=copy_bw, rows=rows, not_run_for_budget=skipped,
+                  copy_bytes_per_s=copy_bw, rows=rows, not_run_for_budget=skipped, projections=projections(rows),
                   note=("toy model: code-path check, its times are not GPU figures" if device.type != "cuda"
                         else "random bf16 weights; one step = forward of the CFG batch + speculative_verify"))
     print(markdown(rows, name, copy_bw))

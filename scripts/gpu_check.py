@@ -159,7 +159,8 @@ def _importable(name: str) -> bool:
 
 def kernels_stage(raw: Path) -> None:
     """Verification and attention microbenchmarks (per-call and graph-replayed times)."""
-    for script, args in (("verify.py", ["--out", raw / "verify"]), ("attention.py", ["--quick", "--out", raw / "attention"])):
+    for script, args in (("verify.py", ["--out", raw / "verify"]), ("attention.py", ["--quick", "--out", raw / "attention"]),
+                         ("roofline.py", ["--no-docs", "--ceilings", raw / "env.json", "--out", raw / "roofline"])):
         rc = subprocess.run([_python(), str(ROOT / "benchmarks" / script), *map(str, args)], cwd=ROOT).returncode
         if rc:
             raise SystemExit(f"benchmarks/{script} exited {rc}")
@@ -194,7 +195,7 @@ def _headline(name: str, raw: Path) -> dict:
             keep = ("model", "method", "rows", "inputs", "fill", "eager_ms", "graph_ms", "eager_vs_ar", "graph_vs_ar",
                     "graph_of_copy_bandwidth", "graph")
             return dict(device=step["device"], toy=step["toy"], note=step["note"],
-                        not_run_for_budget=step["not_run_for_budget"],
+                        not_run_for_budget=step["not_run_for_budget"], projections=step.get("projections", []),
                         rows=[{k: r.get(k) for k in keep} for r in step["rows"]])
         if name in ("e2e", "graph"):
             found = sorted((raw / name).glob("e2e/*.json"))
@@ -258,6 +259,11 @@ def markdown(summary: dict) -> str:
                          f"{r['fill']:.0%} | {_fmt(r.get('eager_ms'))} | {_fmt(r.get('graph_ms'))} | "
                          f"{_fmt(r.get('graph_vs_ar'), '.2f')} | {_fmt(r.get('graph_of_copy_bandwidth'), '.1%')} | "
                          f"{r.get('graph')} |")
+        for p in step.get("projections", []):
+            lines.append(f"\n{p['model']}: **PROJECTION, not a measurement** (the PJD paper's step counts x the "
+                         f"graph-replayed ms/step above): ar {p['ar_steps']} x {p['ar_ms_per_step']:.2f} ms = "
+                         f"{p['ar_image_ms']:.0f} ms/image, pjd {p['pjd_steps']} x {p['pjd_ms_per_step']:.2f} ms = "
+                         f"{p['pjd_image_ms']:.0f} ms/image ({p['speedup']:.2f}x)")
         if step.get("not_run_for_budget"):
             lines.append(f"\nNot run (stage budget): {len(step['not_run_for_budget'])} configurations")
     for s in summary["stages"]:
