@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-METHODS = ("ar", "sjd", "sjd++", "pjd", "zipar")
-CACHES = ("slot", "append")
+from pjd._choices import CACHES, METHODS
+
 DEFAULT_WINDOW = {"ar": 0, "sjd": 15, "sjd++": 15, "pjd": 7, "zipar": 0}
 DEFAULT_REUSE_THRESHOLD = 0.5  # reuse_threshold="auto" for pjd and sjd++
 
