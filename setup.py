@@ -20,16 +20,54 @@ from setuptools import find_packages, setup
 packages = find_packages(include=["pjd", "pjd.*"]) + ["pjd.kernels"]
 
 
+def _has_cuda_headers(home):
+    return bool(home) and os.path.isfile(os.path.join(home, "include", "cuda_runtime.h"))
+
+
+def find_cuda_home():
+    """A CUDA toolkit folder that has include/cuda_runtime.h, or None.
+
+    torch guesses CUDA_HOME as the folder above the ``nvcc`` on PATH, which is wrong when that
+    nvcc is a wrapper script (e.g. /usr/local/bin/nvcc exec-ing the real one): the CUDA extension
+    would then be skipped. Asked in order: $CUDA_HOME / $CUDA_PATH, the toolkit nvcc itself reports
+    (``nvcc --dryrun`` prints its TOP folder, through any wrapper), the folder above nvcc (symlinks
+    resolved), /usr/local/cuda, then /usr/local/cuda-* newest first.
+    """
+    import glob
+    import shutil
+    import subprocess
+
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        try:
+            out = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                                 capture_output=True, text=True, timeout=60)
+            for line in (out.stdout + out.stderr).splitlines():
+                if line.startswith("#$ TOP="):
+                    candidates.append(os.path.normpath(line[len("#$ TOP="):].strip()))
+        except (OSError, subprocess.SubprocessError):
+            pass
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates += ["/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]
+    return next((home for home in candidates if _has_cuda_headers(home)), None)
+
+
 def native_extensions():
     """(ext_modules, cmdclass) for the optional C++/CUDA extensions; empty without torch."""
     if os.environ.get("PJD_NO_EXT") == "1":
         return [], {}
     try:
         import torch
-        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
     except ImportError:  # e.g. an isolated build without torch: pure-torch fallbacks only
         print("pjd: torch not importable at build time; skipping the C++/CUDA extensions", file=sys.stderr)
         return [], {}
+    want_cuda = bool(torch.version.cuda) or os.environ.get("PJD_FORCE_CUDA") == "1"
+    cuda_home = find_cuda_home() if want_cuda else None
+    if cuda_home:  # read by torch.utils.cpp_extension when it is imported (next line)
+        os.environ["CUDA_HOME"] = cuda_home
+        print(f"pjd: CUDA_HOME={cuda_home}", file=sys.stderr)
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     def warn_failed(name, err):
         bar = "!" * 78
@@ -55,7 +93,10 @@ def native_extensions():
     flags = ["-O3", "-fopenmp"]  # OpenMP: at::parallel_for's pragmas run in torch's libgomp
     exts = [CppExtension("pjd._C", ["csrc/compact_kv_cpu.cpp"], extra_compile_args=flags,
                          extra_link_args=["-fopenmp"])]
-    if torch.version.cuda or os.environ.get("PJD_FORCE_CUDA") == "1":
+    if want_cuda and cuda_home is None:
+        warn_failed("pjd._C_cuda", "no CUDA toolkit with include/cuda_runtime.h found ($CUDA_HOME, $CUDA_PATH, "
+                    "nvcc --dryrun, /usr/local/cuda*): set CUDA_HOME to the toolkit's folder")
+    elif want_cuda:
         # SASS for 8.x (sm_80 runs on 8.0-8.9) and 9.0, PTX that the driver JITs for >= 9.0. This
         # list is the one source of truth for the GPUs the op runs on: pjd.ops.compact_kv asks the
         # built binary (cudaFuncGetAttributes) whether it has an image for the device, and runs the

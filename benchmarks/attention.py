@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import itertools
 import json
 import platform
@@ -45,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from pjd.ops import draft_attention, visibility_mask
-from pjd.timing import time_ms
+from pjd.timing import graph_ms, time_ms
 
 COMMITTED, HIDDEN = -1, -2
 
@@ -180,7 +181,7 @@ def variants(case: Case, x: dict, device: torch.device) -> tuple[dict, dict]:
     block_mask = flex_block_mask(x)
     # eager flex on CPU is deliberate (compiling takes ~35 s per shape and is no faster there)
     warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-    flex = torch.compile(flex_attention) if device.type == "cuda" else flex_attention
+    flex = compiled_flex() if device.type == "cuda" else flex_attention
     run["flex"] = lambda x: flex(x["q"], x["k"], x["v"], block_mask=block_mask, scale=scale,
                                  enable_gqa=case.hkv != case.hq)
 
@@ -203,6 +204,21 @@ def variants(case: Case, x: dict, device: torch.device) -> tuple[dict, dict]:
                 t["q"], t["k"], t["v"], cache_seqlens=seqlens, softmax_scale=scale, causal=True,
                 **extra).transpose(1, 2)
     return run, skip
+
+
+@functools.cache
+def compiled_flex():
+    """One compiled FlexAttention for the whole run: each shape set compiles once and every case of
+    that shape reuses it. The recompile limit is raised so that a run's many shapes never make
+    dynamo fall back to eager (which would time uncompiled flex as "compiled")."""
+    import torch._dynamo
+    from torch.nn.attention.flex_attention import flex_attention
+
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), 256))
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def flex_block_mask(x: dict):
@@ -242,11 +258,10 @@ def time_rotating(fn, inputs: list[dict], device, repeats: int) -> float:
 
 
 def copy_bandwidth(device) -> float:
-    """Device memory bandwidth (bytes/s) measured by copying a 1 GiB tensor (read + write)."""
-    src = torch.empty(1 << 29, dtype=torch.float16, device=device)
-    dst = torch.empty_like(src)
-    ms, _ = time_ms(lambda: dst.copy_(src), device, repeats=5)
-    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
+    """Device memory bandwidth (bytes/s): a 1 GiB device copy (read + write), roofline.measure_ceilings."""
+    from roofline import measure_ceilings
+
+    return measure_ceilings(device, matmul_n=256)["copy_bytes_per_s"]
 
 
 def bytes_moved(x: dict) -> int:
@@ -289,6 +304,8 @@ def run_case(case: Case, device, dtype, repeats: int) -> dict:
             continue
         row[f"{name}_ms"] = time_rotating(run[name], inputs, device, repeats)
         row[f"{name}_maxdiff_vs_pjd"] = errs[name]
+        if device.type == "cuda":  # kernel-only: graph-replayed, no L2 flush and no launch overhead
+            row[f"{name}_graph_ms"], row[f"{name}_graph_note"] = graph_ms(lambda: run[name](x), device)
     row["flex_mask_ms"], _ = time_ms(lambda: flex_block_mask(x), device, repeats)
     return row
 
@@ -351,7 +368,8 @@ def format_row(r: dict, with_bw: bool) -> str:
         if ms != ms:
             return f"{n} {r[f'{n}_note']}"
         bw = f" ({r[f'{n}_bw_frac']:.0%} of copy BW)" if with_bw else ""
-        return f"{n} {ms:.3f} ms{bw}"
+        graph = f", graph {r[f'{n}_graph_ms']:.3f} ms" if r.get(f"{n}_graph_ms") is not None else ""
+        return f"{n} {ms:.3f} ms{graph}{bw}"
 
     return (f"{r['case']:<44} Nq {r['nq']:>3} Nk {r['nk']:>5} | " + " | ".join(
         cell(n) for n in ("pjd", "flash", "flex", "sdpa")) + f" | flex mask build {r['flex_mask_ms']:.1f} ms")

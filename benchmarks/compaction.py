@@ -42,10 +42,12 @@ def make_case(args, dtype, tail, device, seed):
     shape = (args.batch, args.heads, S, args.head_dim)
     # Only rows from the lowest destination on are read or written: fill those, leave the rest empty.
     lo = int(dst_start.min())
+    # Cache contents are drawn on the device itself (a CPU draw of GPU-sized caches takes seconds per case).
+    gd = torch.Generator(device=device).manual_seed(seed)
     caches = []
     for _ in range(2 * args.layers):
         x = torch.empty(shape, dtype=dtype, device=device)
-        x[:, :, lo:] = torch.randn(args.batch, args.heads, S - lo, args.head_dim, generator=g).to(dtype)
+        x[:, :, lo:].normal_(generator=gd)
         caches.append(x)
     positions = torch.arange(S, dtype=torch.int32).repeat(args.batch, 1)
     meta = [positions.to(device), torch.full_like(positions, -1).to(device)]

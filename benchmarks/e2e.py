@@ -2,9 +2,13 @@
 
 Sections (each prints a table; everything is saved as JSON, plus PNG plots):
   speed     wall time per image of every method beside transformers' own model.generate ("hf", same
-            CFG, top-k / temperature, image tokens, sampling), runs interleaved (ar, hf, ..., pjd,
-            repeated) so load hits all alike: median and min, speed-up vs hf and vs ar, step
-            compression, and torch ops dispatched per decoding step outside the model forward
+            CFG, top-k / temperature, image tokens, sampling) and, given the official checkout
+            (--llamagen-repo or $PJD_LLAMAGEN_REPO), LlamaGen's own sampler on the same checkpoint
+            ("llamagen": its generate(), eager; "llamagen-compiled": its model compiled as its sample
+            scripts' --compile; pjd.baseline.OfficialLlamaGen), runs interleaved (ar, hf, ..., pjd,
+            repeated, after an untimed pass) so load hits all alike: median and min wall time,
+            median CPU time of the process, speed-ups vs hf, ar and llamagen, step compression, torch ops dispatched per decoding step outside the model forward, and the
+            compile time of llamagen-compiled apart (its first call minus its median call)
   methods   ar / sjd / sjd++ / zipar / pjd at their defaults
   context   pjd and zipar over the row-activation context c (step compression and quality vs c)
   window    pjd over the draft window
@@ -22,7 +26,8 @@ classifier's accuracy on the requested classes and, for batches of >= 100 images
 over --table1-samples images (equal per class), FID and class accuracy with bootstrap intervals.
 
 Usage: python benchmarks/e2e.py [--model default|tiny] [--batch 16] [--sections methods,context]
-       [--speed-methods ar,sjd,pjd] [--repeats 3] [--hf-cfg both|batched|guidance]
+       [--speed-methods ar,sjd,pjd,llamagen,llamagen-compiled] [--llamagen-repo PATH] [--repeats 3]
+       [--hf-cfg both|batched|guidance]
        [--out bench_out/e2e] [--docs]      (--docs also refreshes docs/e2e/ and docs/performance.md)
        python benchmarks/e2e.py --quick    (the speed section at batch 1: ar, hf, pjd, 3 repeats; about a
                                         minute of CPU time)
@@ -35,26 +40,31 @@ import argparse
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
 
+from pjd.baseline import llamagen_repo
 from pjd.demo import FID_MIN_IMAGES, device_name
+from pjd.plan import METHODS
 from pjd.timing import WarmUp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import line_chart, update_docs  # noqa: E402
 
 SECTIONS = ("speed", "methods", "context", "window", "topk", "cfg", "ablation")
+LLAMAGEN = {"llamagen": False, "llamagen-compiled": True}  # speed-section baseline -> compiled
 DOCS_DIR = Path(__file__).resolve().parent.parent / "docs" / "e2e"
 
 
 class Bench:
-    def __init__(self, model_name: str, batch: int, seed: int, cfg_scale: float):
+    def __init__(self, model_name: str, batch: int, seed: int, cfg_scale: float, llamagen_repo=None, device="cpu"):
+        self.device = torch.device(device)
         if model_name == "default":
             from pjd.models import default
 
-            dm = default()
+            dm = default(device=self.device)
             self.model, self.height, self.width = dm.model, dm.height, dm.width
             self.image_range = dm.image_token_range
             self.prompt = dm.prompt(torch.arange(batch) % len(dm.class_names))
@@ -63,15 +73,18 @@ class Bench:
         else:  # tiny random-weight model: exercises the code, says nothing about acceptance
             from pjd.models import tiny_llama
 
-            self.model = tiny_llama(264, hidden_size=64, logit_scale=3.0)
+            self.model = tiny_llama(264, hidden_size=64, logit_scale=3.0).to(self.device)
             self.height = self.width = 16
             self.image_range = (0, 256)
             self.prompt = torch.randint(256, 263, (batch, 1), generator=torch.Generator().manual_seed(seed))
-            self.null = torch.full((batch, 1), 263)
+            self.prompt = self.prompt.to(self.device)
+            self.null = torch.full((batch, 1), 263, device=self.device)
             self.decode = None
         self.labels = torch.arange(batch) % 10
         self.batch, self.seed, self.cfg_scale = batch, seed, cfg_scale
         self.warm = WarmUp()
+        self.llamagen_repo, self.official = llamagen_repo, None
+        self.first_call_s: dict[str, float] = {}  # LlamaGen's warm-up calls, timed: compile + one decode
 
     def generate(self, method: str, cfg_scale: float | None = None, **kw):
         """pjd.generate on the bench's prompts, after a warm-up call of this configuration."""
@@ -87,6 +100,20 @@ class Bench:
                                      image_token_range=self.image_range, cfg_scale=self.cfg_scale,
                                      uncond_input_ids=self.null if self.cfg_scale != 1 else None, seed=self.seed,
                                      cfg_mode=cfg_mode)
+
+    def llamagen(self, name: str):
+        """LlamaGen's own generate() on the bench's classes (default model only), after a warm-up call of this
+        configuration: the identical call (where "llamagen-compiled" compiles), timed into ``first_call_s``."""
+        if self.official is None:
+            from pjd.baseline import OfficialLlamaGen
+
+            self.official = OfficialLlamaGen.default(self.llamagen_repo)
+        kw = dict(cfg_scale=self.cfg_scale, seed=self.seed, compiled=LLAMAGEN[name])
+        if name not in self.first_call_s:
+            t0 = time.perf_counter()
+            self.warm("llamagen.generate", self.official.generate, self.labels, **kw)
+            self.first_call_s[name] = time.perf_counter() - t0
+        return self.official.generate(self.labels, **kw)
 
     def run(self, method: str, **kw) -> dict:
         from pjd.quality import class_accuracy, classifier_features, fid, nll_per_token
@@ -148,19 +175,35 @@ def speed_section(bench: "Bench", methods: list[str], repeats: int, hf_modes: li
     import statistics
 
     cells = {f"hf-{m}": (lambda m=m: bench.hf(m)[1]) for m in hf_modes}
-    cells.update({m: (lambda m=m: bench.generate(m).wall_seconds) for m in methods})
+    cells.update({m: (lambda m=m: bench.llamagen(m)[1]) if m in LLAMAGEN else (lambda m=m: bench.generate(m).wall_seconds)
+                  for m in methods})
     order = [m for m in methods if m == "ar"] + list(cells)[:len(hf_modes)] + [m for m in methods if m != "ar"]
-    times = {name: [] for name in order}  # each cell's first call warms it up first (bench.warm), untimed
+    for name in order:  # untimed: a cell's first call runs its warm-up (bench.warm) before the call itself
+        cells[name]()
+    times, cpu_times = {name: [] for name in order}, {name: [] for name in order}
     for _ in range(repeats):
         for name in order:
+            cpu = time.process_time()
             times[name].append(cells[name]() / bench.batch)
+            cpu_times[name].append((time.process_time() - cpu) / bench.batch)
     rows = []
     for name in order:
+        extra = {}  # baseline-specific columns
         if name.startswith("hf-"):
             mode = name[3:]
             tokens, _, forwards = bench.hf(mode)
             steps, ops = bench.height * bench.width, ops_outside_forward(bench.model, lambda: bench.hf(mode))
             steps_per_image = steps
+        elif name in LLAMAGEN:
+            tokens, _ = bench.llamagen(name)
+            steps = steps_per_image = bench.height * bench.width
+            # the compiled model's forward is a dynamo frame: counting around it would change what runs
+            ops = None if LLAMAGEN[name] else ops_outside_forward(bench.official.model, lambda: bench.llamagen(name))
+            extra = dict(first_call_s=bench.first_call_s[name] / bench.batch)
+            if LLAMAGEN[name]:
+                extra["compile_s"] = bench.first_call_s[name] - statistics.median(times[name]) * bench.batch
+                if "llamagen" in times:  # same seed, same draws: only the compiled logits' rounding may differ
+                    extra["tokens_equal_to_eager"] = float((tokens == bench.llamagen("llamagen")[0]).double().mean())
         else:
             r = bench.generate(name)
             steps, steps_per_image = r.steps, float(r.steps_per_image.double().mean())
@@ -169,12 +212,14 @@ def speed_section(bench: "Bench", methods: list[str], repeats: int, hf_modes: li
         rows.append(dict(method=name, steps=steps, step_compression=ar_steps / steps,
                          per_image_compression=ar_steps / steps_per_image,
                          median_s_per_image=statistics.median(times[name]), min_s_per_image=min(times[name]),
-                         ops_per_step=ops / steps))
+                         median_cpu_s_per_image=statistics.median(cpu_times[name]),
+                         ops_per_step=None if ops is None else ops / steps, **extra))
     hf = min((r for r in rows if r["method"].startswith("hf-")), key=lambda r: r["median_s_per_image"], default=None)
-    ar = next((r for r in rows if r["method"] == "ar"), None)
+    refs = dict(hf=hf, **{m: next((r for r in rows if r["method"] == m), None) for m in ("ar", *LLAMAGEN)})
     for r in rows:
-        r["speedup_vs_hf"] = hf["median_s_per_image"] / r["median_s_per_image"] if hf else None
-        r["speedup_vs_ar"] = ar["median_s_per_image"] / r["median_s_per_image"] if ar else None
+        for ref_name, ref in refs.items():
+            for prefix, key in (("", "median_s_per_image"), ("cpu_", "median_cpu_s_per_image")):
+                r[f"{prefix}speedup_vs_{ref_name.replace('-', '_')}"] = ref[key] / r[key] if ref else None
     return rows
 
 
@@ -212,11 +257,16 @@ def main(argv=None) -> dict:
     p.add_argument("--sections", default=",".join(SECTIONS))
     p.add_argument("--out", default="bench_out")
     p.add_argument("--docs", action="store_true", help="copy plots to docs/e2e and refresh docs/performance.md")
-    p.add_argument("--speed-methods", default="ar,sjd,sjd++,zipar,pjd", help="pjd methods of the speed section")
+    p.add_argument("--speed-methods", default="ar,sjd,sjd++,zipar,pjd",
+                   help="pjd methods of the speed section, and the LlamaGen baselines llamagen, llamagen-compiled")
+    p.add_argument("--llamagen-repo", default=None,
+                   help="checkout of github.com/FoundationVision/LlamaGen for the llamagen baselines "
+                        "(default: $PJD_LLAMAGEN_REPO)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved timed repeats of the speed section")
     p.add_argument("--hf-cfg", choices=["both", "batched", "guidance"], default="both",
                    help="hf's CFG: one doubled batch, generate's own guidance_scale, or both (the faster is hf)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: as OMP_NUM_THREADS)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]: where the model and every decode run")
     p.add_argument("--quick", action="store_true",
                    help="speed section only, batch 1, methods ar,pjd, hf batched: --sections speed --batch 1 "
                         "--speed-methods ar,pjd --hf-cfg batched")
@@ -237,10 +287,23 @@ def main(argv=None) -> dict:
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         p.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
+    speed_methods = [m for m in args.speed_methods.split(",") if m]
+    unknown = set(speed_methods) - set(METHODS) - set(LLAMAGEN)
+    if unknown:
+        p.error(f"--speed-methods: unknown {sorted(unknown)}; choose from {METHODS + tuple(LLAMAGEN)}")
+    if "speed" in sections and set(speed_methods) & set(LLAMAGEN):
+        if args.model != "default":
+            p.error("--speed-methods llamagen / llamagen-compiled: LlamaGen's sampler runs the default model only")
+        try:
+            llamagen_repo(args.llamagen_repo)
+        except FileNotFoundError as e:
+            p.error(f"--speed-methods llamagen / llamagen-compiled: {e}")
     out = Path(args.out) / "e2e"  # e2e_<sections>.json, so runs of different sections do not overwrite
     out.mkdir(parents=True, exist_ok=True)
-    device = device_name(torch.device("cpu"))
-    bench = Bench(args.model, args.batch, args.seed, args.cfg_scale)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"argument --device: {args.device} requested but CUDA is not available")
+    device = device_name(torch.device(args.device))
+    bench = Bench(args.model, args.batch, args.seed, args.cfg_scale, args.llamagen_repo, device=args.device)
     w = bench.width
     contexts = sorted({1, 2, max(1, w // 8), max(1, w // 4), max(1, w // 2), w})
     report = dict(device=device, model=args.model, batch=args.batch, seed=args.seed, cfg_scale=args.cfg_scale,
@@ -250,8 +313,9 @@ def main(argv=None) -> dict:
             f"CFG {args.cfg_scale}, seed {args.seed}. `step_compression` = AR steps / forward passes of the batch "
             f"(the slowest image sets them); `per_image_compression` = AR steps / mean steps each image needed "
             f"(the paper's batch-1 figure); `nll_sem` = standard error of the mean NLL over the images. Every timed "
-            f"call follows an untimed warm-up call of its configuration. Wall seconds are CPU times: per-step compute "
-            f"on a CPU grows with the inputs per step, so they say nothing about GPU latency.\n")
+            f"call follows an untimed warm-up call of its configuration. "
+            + ("Wall seconds are CPU times: per-step compute on a CPU grows with the inputs per step, so they say "
+               "nothing about GPU latency.\n" if bench.device.type == "cpu" else "Wall seconds are GPU times.\n"))
     cols = ["method", "steps", "step_compression", "per_image_compression", "seconds", "overhead_share",
             "nll_per_token", "nll_sem", "class_accuracy", "fid"]
 
@@ -266,14 +330,32 @@ def main(argv=None) -> dict:
         hf_modes = ["batched", "guidance"] if args.hf_cfg == "both" else [args.hf_cfg]
         if args.cfg_scale == 1:
             hf_modes = hf_modes[:1]  # no CFG: both modes are the same plain sampling
-        rows = speed_section(bench, [m for m in args.speed_methods.split(",") if m], args.repeats, hf_modes)
-        text += (f"\nSpeed: {args.repeats} interleaved repeats after a warm-up, seconds per image (wall time of "
-                 f"the call / batch); hf = transformers' `model.generate` (sdpa attention), the faster CFG mode by "
-                 f"median; `ops_per_step` = torch ops called from Python per decoding step outside the model "
-                 f"forward (a TorchFunctionMode count; hf: per generated token).\n")
+        rows = speed_section(bench, speed_methods, args.repeats, hf_modes)
+        llamagen = [m for m in LLAMAGEN if m in speed_methods]
+        text += (f"\nSpeed (`--speed-methods {','.join(speed_methods)}`): {args.repeats} interleaved repeats after a "
+                 f"warm-up pass, seconds per image (wall time of the call / batch; `median_cpu_s_per_image`: the "
+                 f"process's CPU time around the call, which a shared machine's load distorts less, and "
+                 f"`cpu_speedup_*` its ratios); hf = transformers' `model.generate` "
+                 f"(sdpa attention), the faster CFG mode by median; `ops_per_step` = torch ops called from Python per "
+                 f"decoding step outside the model forward (a TorchFunctionMode count; hf, llamagen: per generated "
+                 f"token).\n")
+        if llamagen:
+            text += ("llamagen = LlamaGen's own `generate()` from the official repository (batched CFG, static KV "
+                     "cache) on the same checkpoint, eager; llamagen-compiled = the same with its model "
+                     "`torch.compile(mode=\"reduce-overhead\", fullgraph=True)` as its sample scripts' `--compile` "
+                     "(no CUDA graphs on a CPU); `compile_s` = its first call minus its median call (batch "
+                     "seconds), never in the timed figures.\n")
         section("speed", rows, ["method", "steps", "step_compression", "per_image_compression",
                                 "median_s_per_image", "min_s_per_image", "speedup_vs_hf", "speedup_vs_ar",
-                                "ops_per_step"], f"Wall time per image beside hf (batch {args.batch})")
+                                *[f"speedup_vs_{m.replace('-', '_')}" for m in llamagen], "median_cpu_s_per_image",
+                                *[f"cpu_speedup_vs_{m.replace('-', '_')}" for m in llamagen], "ops_per_step",
+                                *(["compile_s"] if "llamagen-compiled" in llamagen else [])],
+                f"Wall time per image beside hf{' and LlamaGen' if llamagen else ''} (batch {args.batch})")
+        for r in rows:
+            if "tokens_equal_to_eager" in r:
+                line = f"llamagen-compiled's tokens equal to eager llamagen's (same seed): {r['tokens_equal_to_eager']:.4f}\n"
+                print(line, flush=True)
+                text += line
     if "methods" in sections:
         rows = [bench.run(m) for m in ("ar", "sjd", "sjd++", "zipar", "pjd")]
         for r in rows:
@@ -299,6 +381,7 @@ def main(argv=None) -> dict:
                 "Row-causal mask ablation")
 
     report["warm_up"] = bench.warm.log
+    report["warm_up_reruns"] = bench.warm.reruns
     json_path = out / f"e2e_{'_'.join(sections)}.json"
     json_path.write_text(json.dumps(report, indent=2))
     print(f"\ndevice: {device}; wrote {json_path} and plots")

@@ -32,7 +32,7 @@ import torch
 
 from pjd.ops import TOP, PREFIX, speculative_verify
 from pjd.sampling import target_probs
-from pjd.timing import time_ms
+from pjd.timing import graph_ms, time_ms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention import device_name  # noqa: E402
@@ -153,11 +153,17 @@ def run_case(vocab: int, lanes: int, device, dtype, repeats: int) -> dict:
             row[f"{name}_ms"], row[f"{name}_note"] = float("nan"), notes[name]
         else:
             row[f"{name}_ms"], _ = time_ms(fns[name], device, repeats)
+            if device.type == "cuda":  # kernel-only: graph-replayed, no L2 flush and no launch overhead
+                row[f"{name}_graph_ms"], row[f"{name}_graph_note"] = graph_ms(fns[name], device)
     return row
 
 
 def format_row(r: dict) -> str:
-    cells = [f"{n} {r[f'{n}_ms']:.3f} ms" if r[f"{n}_ms"] == r[f"{n}_ms"] else f"{n} {r[f'{n}_note']}"
+    def graph(n):
+        ms = r.get(f"{n}_graph_ms")
+        return f" (graph {ms:.3f} ms)" if ms is not None else ""
+
+    cells = [f"{n} {r[f'{n}_ms']:.3f} ms{graph(n)}" if r[f"{n}_ms"] == r[f"{n}_ms"] else f"{n} {r[f'{n}_note']}"
              for n in VARIANTS]
     return f"V {r['vocab']:>6} lanes {r['lanes']} | " + " | ".join(cells)
 

@@ -17,6 +17,48 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
+def _numpy_refuses_size1_int() -> bool:
+    """numpy >= 2.4 raises on ``int()`` of a 1-element array that is not 0-dimensional."""
+    import numpy as np
+
+    try:
+        int(np.ones(1, dtype=np.int32))
+    except TypeError:
+        return True
+    return False
+
+
+def _interpreter_loop_bounds_fix() -> None:
+    """Let the interpreter take runtime loop bounds (``range(lo, hi, BLOCK)``) with numpy >= 2.4.
+
+    The interpreter holds every scalar (kernel arguments, program ids) as a 1-element 1-D array
+    and triton 3.6's ``tensor.__index__`` (what ``range`` calls) is ``int(data)``, which numpy
+    >= 2.4 refuses: every kernel with a runtime-bounded loop -- all of pjd's -- fails to
+    interpret. Triton 3.9 squeezes the array first; so does this, installed after the
+    interpreter's own per-launch patches (and undone with them). A ``while`` loop would also
+    avoid ``__index__``, but it is no ``scf.for`` for the compiled kernel: Triton's software
+    pipeliner (num_stages) would no longer multi-buffer the K/V loads.
+    """
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    if not _numpy_refuses_size1_int() or getattr(interpreter._patch_lang, "pjd_fix", False):
+        return
+    original = interpreter._patch_lang
+
+    def patch_lang(fn):
+        scope = original(fn)
+        scope.set_attr(tl.core.tensor, "__index__", lambda self: int(self.handle.data.reshape(())))
+        return scope
+
+    patch_lang.pjd_fix = True
+    interpreter._patch_lang = patch_lang
+
+
+if INTERPRETING:
+    _interpreter_loop_bounds_fix()
+
+
 def device_guard(t: torch.Tensor):
     """Make ``t``'s CUDA device current for the launch.
 

@@ -28,6 +28,7 @@ with the options Triton compiled it with), shared memory from the compiled metad
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
 import re
@@ -122,6 +123,22 @@ class _TargetDriver:
         return torch.device("cpu")
 
 
+@functools.cache
+def triton_ptxas_options() -> tuple[str, ...]:
+    """The register-allocation options the installed Triton passes to ptxas for every kernel.
+
+    Read from Triton's own ``make_cubin`` rather than keyed on its version: triton 3.9 adds
+    ``--regAllocOptLevel=2`` (a ptxas 13 workaround), 3.6 passes none -- and allocates registers
+    differently, so the gate must compile with exactly what the installed Triton runs.
+    """
+    import inspect
+
+    from triton.backends.nvidia.compiler import CUDABackend
+
+    source = inspect.getsource(CUDABackend.make_cubin)
+    return tuple(option for option in ("--regAllocOptLevel=2",) if option in source)
+
+
 def ptxas_usage(ptx: str, arch: int, fp_fusion: bool) -> tuple[int, int]:
     """(registers, spill bytes) of the kernel in ``ptx``, from the bundled ``ptxas -v`` with Triton's options."""
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
@@ -130,7 +147,7 @@ def ptxas_usage(ptx: str, arch: int, fp_fusion: bool) -> tuple[int, int]:
         src = os.path.join(tmp, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        cmd = [get_ptxas(arch).path, "-v", "--regAllocOptLevel=2", *([] if fp_fusion else ["--fmad=false"]),
+        cmd = [get_ptxas(arch).path, "-v", *triton_ptxas_options(), *([] if fp_fusion else ["--fmad=false"]),
                f"--gpu-name={sm_arch_from_capability(arch)}", src, "-o", os.path.join(tmp, "k.cubin")]
         log = subprocess.run(cmd, check=True, capture_output=True, text=True)
     text = log.stdout + log.stderr

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from pjd import __version__
-from pjd._choices import BACKENDS, CACHES, METHODS
+from pjd._choices import BACKENDS, CACHES, METHODS, ROW_LEADS
 
 # Intra-op threads of the CPU work. One: pjd's CPU path runs many small ops per step, where a second
 # thread adds synchronisation without work to share, and any other load on the cores turns its
@@ -199,6 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="initial drafts of the methods that feed drafts")
     sample.add_argument("--no-row-causal", action="store_true",
                         help="pjd: let drafts see other rows' drafts (the paper's ablation)")
+    sample.add_argument("--row0-first", choices=["auto", "on", "off"], default="auto",
+                        help="pjd / zipar: decode row 0 before row 1 starts (auto: on without EOL)")
+    sample.add_argument("--row-lead", choices=ROW_LEADS, default=ROW_LEADS[0],
+                        help="pjd / zipar without EOL: the row a fresh row's leading token is copied from")
     sample.add_argument("--seed", type=_int_at_least(0, 2**64), default=0,
                         help="image i draws from the stream (seed, i), whatever its batch or process")
     sample.add_argument("--batch-size", type=_int_at_least(1), default=16, help="images decoded together")

@@ -92,7 +92,7 @@ def generate(model, input_ids, *, height, width, method="pjd", window=None, cont
              top_p=1.0, temperature=1.0, cfg_scale=1.0, uncond_input_ids=None, attention_mask=None,
              uncond_attention_mask=None, image_token_range=None, eol_token_id=None, draft_init="random",
              reuse_threshold="auto", cache="slot", backend="auto", generator=None, seed=None, progress=False,
-             row_causal=True, image_index=None) -> GenerationResult:
+             row_causal=True, row0_first="auto", row_lead="row_end", image_index=None) -> GenerationResult:
     """Generate a height x width grid of image tokens per prompt.
 
     Args:
@@ -102,6 +102,12 @@ def generate(model, input_ids, *, height, width, method="pjd", window=None, cont
             ``P_real + r * row_slots + c`` exactly as in plain AR generation.
         method: "ar" | "sjd" | "sjd++" | "pjd" | "zipar". window: drafts per lane (sjd 15, pjd 7).
         context: committed tokens of row r that activate row r+1 (pjd/zipar; default round(width/4)).
+        row0_first: True decodes row 0 completely before row 1 activates (pjd/zipar; "auto": True
+            without EOL, where every fresh row then has a complete row to lead from, False with EOL).
+        row_lead: without EOL, what a fresh row leads with while the row above is unfinished (a
+            scaffold, taken at activation and kept): "row_end" the last token of the lowest complete
+            row (default), "above" the row above's last committed token, "two_above" row r-2's
+            (official ZipAR); with no complete row (row 1 without row0_first), the row above's.
         top_k (0 = off, 1 = greedy), top_p, temperature: the target distribution.
         cfg_scale: != 1 needs ``uncond_input_ids``; combined logits ``uncond + s * (cond - uncond)``.
         image_token_range: ``(lo, hi)`` image token ids (default: whole vocabulary).
@@ -137,7 +143,7 @@ def generate(model, input_ids, *, height, width, method="pjd", window=None, cont
                      top_k=top_k, top_p=top_p, temperature=temperature, cfg_scale=cfg_scale,
                      image_token_range=image_token_range, eol_token_id=eol_token_id, draft_init=draft_init,
                      reuse_threshold=reuse_threshold, cache=cache, vocab_size=adapter.vocab_size,
-                     row_causal=row_causal)
+                     row_causal=row_causal, row0_first=row0_first, row_lead=row_lead)
     # Fail before any work if the backend cannot run here; auto leaves the kernels for shapes they cannot serve.
     backend = resolve_backend(backend, adapter.device, lambda: triton_unsupported(
         ("draft_attention", adapter.head_dim, adapter.dtype), ("speculative_verify", plan.window, adapter.dtype)))
@@ -338,6 +344,8 @@ class _Decoder:
             above_n = torch.nn.functional.pad(n[:, :-1], (1, 0), value=BIG)
             above_done = torch.nn.functional.pad(done[:, :-1], (1, 0), value=True)
             activated = above_n >= plan.context
+            if plan.row0_first:
+                activated = activated & ((self.lane_id != 1) | above_done)
             # Row r may draft column j only once row r-1 has committed column j+1.
             room_above = torch.where(above_done, BIG, above_n - n - 1)
         else:
@@ -384,7 +392,7 @@ class _Decoder:
             # Taken once, at the row's first step, then fixed: a leading token that moved with the
             # row above would move the first draft's target every step (DESIGN.md §1.1).
             take = scaffold & (self.scaffold_token < 0)
-            self.scaffold_token = torch.where(take, self._row_above_last_token(), self.scaffold_token)
+            self.scaffold_token = torch.where(take, self._lead_token(), self.scaffold_token)
             tokens[..., 0] = torch.where(scaffold, self.scaffold_token, tokens[..., 0])
             scaffold = scaffold[..., None] & lead
         else:
@@ -441,11 +449,19 @@ class _Decoder:
         above_open = torch.nn.functional.pad((self.n < self.lane_len)[:, :-1], (1, 0), value=False)
         return lanes.fed & (self.n == 0) & above_open
 
-    def _row_above_last_token(self) -> torch.Tensor:
-        """[B, L]: the last committed token of the row above each lane (scaffold tokens)."""
-        base_above = torch.nn.functional.pad(self.lane_base[:-1], (1, 0))
-        n_above = torch.nn.functional.pad(self.n[:, :-1], (1, 0), value=1)
-        return self.tokens[:self.B].gather(1, self.P + base_above + (n_above - 1).clamp(min=0))
+    def _lead_token(self) -> torch.Tensor:
+        """[B, L]: each lane's scaffold token, the last committed token of the row plan.row_lead names
+        (DESIGN.md §1.1). Rows complete in order, so the lowest complete row is the top open one's
+        predecessor; where the named row does not exist (-1), the row above leads."""
+        plan, lane = self.plan, self.lane_id
+        if plan.row_lead == "row_end":
+            top = (self.n < self.lane_len).long().argmax(1, keepdim=True)  # the top open row
+            source = (top - 1).expand(-1, self.L)
+        else:
+            source = (lane - (1 if plan.row_lead == "above" else 2)).expand(self.B, -1)
+        source = torch.where(source >= 0, source, lane - 1).clamp(min=0)
+        n_source = self.n.gather(1, source)
+        return self.tokens[:self.B].gather(1, self.P + self.lane_base[source] + (n_source - 1).clamp(min=0))
 
     def forward(self, step: Packed, result, logits: bool = True) -> torch.Tensor | None:
         t0 = time.perf_counter()

@@ -62,6 +62,8 @@ class SampleSettings:
     reuse_threshold: float | str | None = "auto"  # as pjd.generate: 0.5 for pjd / sjd++, off elsewhere
     draft_init: str = "random"
     row_causal: bool = True
+    row0_first: bool | str = "auto"  # as pjd.generate: row 0 decoded first without EOL (pjd / zipar)
+    row_lead: str = "row_end"
     seed: int = 0
 
 
@@ -140,7 +142,8 @@ def run_identity(settings: SampleSettings, dm) -> dict:
                          temperature=settings.temperature, cfg_scale=settings.cfg_scale,
                          image_token_range=dm.image_token_range, eol_token_id=None, draft_init=settings.draft_init,
                          reuse_threshold=settings.reuse_threshold, cache="slot",
-                         vocab_size=adapter_for(dm.model).vocab_size, row_causal=settings.row_causal)
+                         vocab_size=adapter_for(dm.model).vocab_size, row_causal=settings.row_causal,
+                         row0_first=settings.row0_first, row_lead=settings.row_lead)
     except (TypeError, ValueError) as e:
         raise SampleError(str(e)) from e
     return dict(
@@ -150,6 +153,7 @@ def run_identity(settings: SampleSettings, dm) -> dict:
         top_p=float(settings.top_p), temperature=float(settings.temperature), cfg_scale=float(settings.cfg_scale),
         reuse_threshold=plan.reuse_threshold,
         draft_init=settings.draft_init if plan.window else None, row_causal=plan.row_causal, seed=seed,
+        row0_first=plan.row0_first if plan.row_lanes else None, row_lead=plan.row_lead if plan.row_lanes else None,
     )
 
 
@@ -263,6 +267,8 @@ def _run(group, dev, settings, out, batch_size, backend, cache, npz, progress):
                       top_k=identity["top_k"], top_p=identity["top_p"], temperature=identity["temperature"],
                       cfg_scale=identity["cfg_scale"], reuse_threshold=identity["reuse_threshold"],
                       draft_init=identity["draft_init"] or "random", row_causal=identity["row_causal"],
+                      **({"row0_first": identity["row0_first"], "row_lead": identity["row_lead"]}
+                         if identity["row_lead"] else {}),
                       seed=identity["seed"], cache=cache, backend=backend)
     for chunk in todo:
         index = torch.tensor(list(chunk))
@@ -386,7 +392,8 @@ def main(args) -> int:
         num_images=num_images, classes=classes, model=args.model, method=args.method, window=args.window,
         context=args.context, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
         cfg_scale=args.cfg_scale, reuse_threshold=args.reuse_threshold, draft_init=args.draft_init,
-        row_causal=not args.no_row_causal, seed=args.seed)
+        row_causal=not args.no_row_causal, seed=args.seed,
+        row0_first={"auto": "auto", "on": True, "off": False}[args.row0_first], row_lead=args.row_lead)
     run_sample(settings, args.out, batch_size=args.batch_size, device=args.device, backend=args.backend,
                cache=args.cache, npz=not args.no_npz, progress=not args.no_progress)
     return 0

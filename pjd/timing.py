@@ -5,16 +5,17 @@ pays for lazy imports, allocator growth and library handles. None of that is dec
 figure in seconds always comes from a call whose configuration already ran once, untimed:
 
 - ``WarmUp``: for whole decodes (``pjd.generate``, the hf baseline). Before the first call of a
-  configuration it runs the identical call once, untimed, wherever Triton kernels run (same
-  model, method, settings, seed and batch, so the same shapes reach the same kernel variants;
-  progress bar off). Where nothing is compiled (the sdpa / torch paths, the hf baseline on a CPU)
-  the warm-up decodes one row of the grid with the same settings: that pays every first-call cost
-  (imports, allocations, library handles) without doubling the run. A configuration is
-  everything but ``seed``, ``image_index`` and ``progress``: tensors by shape, dtype and device,
-  other arguments by value; later calls that differ only in those (the next chunk of a sample run)
-  are not warmed again. Randomness must come from ``seed`` (per-image streams: the warm-up leaves
-  the timed call's tokens unchanged); a ``generator`` is refused, the warm-up would advance it.
-  ``log`` lists what was warmed, in order; the scripts put it in their JSON.
+  configuration it decodes one row of the grid with the same settings, untimed: that pays the
+  first-call costs (imports, allocations, library handles) and compiles the Triton variants a
+  decode uses, without doubling the run. The timed call is then watched: if it compiled a Triton
+  kernel variant the one-row warm-up did not reach (``compiled_variants()`` grew), it is run once
+  more and that second run is returned, so no figure ever includes a compilation. A
+  configuration is everything but ``seed``, ``image_index`` and ``progress``: tensors by shape,
+  dtype and device, other arguments by value; later calls that differ only in those (the next
+  chunk of a sample run) are not warmed again. Randomness must come from ``seed`` (per-image
+  streams: the warm-up leaves the timed call's tokens unchanged); a ``generator`` is refused, the
+  warm-up would advance it. ``log`` lists what was warmed, in order, and ``reruns`` the timed
+  calls that were run again; the scripts put both in their JSON.
 - ``time_ms``: for microbenchmarks of one op call. One untimed call, then the timed ones.
 """
 from __future__ import annotations
@@ -44,11 +45,29 @@ def _describe(value):
     return repr(value)
 
 
+def compiled_variants() -> int:
+    """Triton kernel variants of pjd's kernels compiled in this process so far (every device).
+
+    Counted in the JIT's own per-device kernel caches; 0 where no kernel module was imported.
+    """
+    import sys
+
+    count = 0
+    for name in ("pjd.kernels.draft_attention", "pjd.kernels.speculative_verify"):
+        module = sys.modules.get(name)
+        for obj in vars(module).values() if module is not None else ():
+            caches = getattr(obj, "device_caches", None)
+            if isinstance(caches, dict):
+                count += sum(len(entry[0]) for entry in caches.values())
+    return count
+
+
 class WarmUp:
-    """Runs each configuration of a call once, untimed, before the calls that are timed."""
+    """Runs each configuration of a call once, untimed and one row high, before the calls that are timed."""
 
     def __init__(self):
         self.log: list[dict] = []  # the configurations warmed, in order
+        self.reruns: list[str] = []  # timed calls run again because they compiled a kernel variant
         self._done: set = set()
 
     def __call__(self, name: str, fn: Callable, *args, **kwargs) -> None:
@@ -63,36 +82,28 @@ class WarmUp:
             self._done.add(key)
             self.log.append(entry)
 
+    def _timed(self, name: str, call: Callable):
+        """``call()``, run again if it compiled a kernel variant (the second run is returned)."""
+        before = compiled_variants()
+        result = call()
+        if compiled_variants() != before:
+            self.reruns.append(name)
+            result = call()
+        return result
+
     def generate(self, model, input_ids, **kwargs):
         """``pjd.generate(model, input_ids, **kwargs)``, its configuration warmed up first."""
-        def warm(model, input_ids, **kw):
-            pjd.generate(model, input_ids, **{**_warm_settings(model, kw, kw.get("backend", "auto")), "progress": False})
-
-        self("pjd.generate", warm, model, input_ids, **kwargs)
-        return pjd.generate(model, input_ids, **kwargs)
+        self("pjd.generate", lambda m, ids, **kw: pjd.generate(m, ids, **{**kw, "height": 1, "progress": False}),
+             model, input_ids, **kwargs)
+        return self._timed(f"pjd.generate {kwargs.get('method', 'pjd')}", lambda: pjd.generate(model, input_ids, **kwargs))
 
     def hf_generate(self, model, input_ids, **kwargs):
         """``pjd.baseline.hf_generate(model, input_ids, **kwargs)``, its configuration warmed up first."""
         from pjd import baseline
 
-        self("hf_generate", lambda m, ids, **kw: baseline.hf_generate(m, ids, **_warm_settings(m, kw, "torch")),
+        self("hf_generate", lambda m, ids, **kw: baseline.hf_generate(m, ids, **{**kw, "height": 1}),
              model, input_ids, **kwargs)
-        return baseline.hf_generate(model, input_ids, **kwargs)
-
-
-def _compiles(model, backend: str) -> bool:
-    """Whether a decode of ``model`` with ``backend`` runs Triton kernels (compiled on first use)."""
-    from pjd.models.base import adapter_for
-    from pjd.ops._backend import resolve_backend, triton_interpreting
-
-    return (backend != "torch" and not triton_interpreting()
-            and resolve_backend(backend, adapter_for(model).device) == "triton")
-
-
-def _warm_settings(model, kwargs: dict, backend: str) -> dict:
-    """The warm-up call's settings: the timed call's own where Triton kernels compile on first use;
-    one row of the grid (same everything else) where nothing compiles."""
-    return kwargs if _compiles(model, backend) else {**kwargs, "height": 1}
+        return self._timed("hf_generate", lambda: baseline.hf_generate(model, input_ids, **kwargs))
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, float]:
@@ -115,4 +126,41 @@ def time_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> tup
     return statistics.median(times), min(times)
 
 
-__all__ = ["WarmUp", "time_ms", "NOT_CONFIG"]
+def graph_ms(fn: Callable[[], object], device: torch.device, replays: int = 20) -> tuple[float | None, str]:
+    """Kernel-only milliseconds per call of ``fn()`` and a note: ``fn`` captured once in a CUDA
+    graph (warmed up on a side stream, torch's recipe) and replayed ``replays`` times between two
+    CUDA events, median of 5 such runs. No host work and no L2 flush between calls: beside
+    ``time_ms`` (which flushes L2 and includes launch overhead) it shows what the kernels
+    themselves take. (None, why) off CUDA or where ``fn`` cannot be captured (it reads a device
+    value back to the host, or allocates outside the graph's pool).
+    """
+    if device.type != "cuda":
+        return None, "no CUDA"
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        graph.replay()
+        torch.cuda.synchronize(device)
+        times = []
+        for _ in range(5):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(replays):
+                graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / replays)
+        return statistics.median(times), "graph replay"
+    except Exception as err:  # noqa: BLE001 -- a call that cannot be captured has no kernel-only time
+        torch.cuda.synchronize(device)
+        return None, f"not capturable: {type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
+
+
+__all__ = ["WarmUp", "time_ms", "graph_ms", "compiled_variants", "NOT_CONFIG"]

@@ -129,6 +129,26 @@ def test_backend_report_without_native_device():
         assert compact_kv_backend("cuda") == "torch"
 
 
+def test_backend_report_with_cuda_extension_but_no_driver(monkeypatch):
+    """A CUDA build of torch (pjd._C_cuda built) on a machine without a driver: the torch fallback is
+    reported, and native names the reason, instead of torch.cuda raising "Found no NVIDIA driver"."""
+    from pjd.ops.compact_kv import _use_native
+
+    module = sys.modules["pjd.ops.compact_kv"]
+
+    def no_driver(*args):
+        raise RuntimeError("Found no NVIDIA driver on your system")
+
+    monkeypatch.setattr(module, "_extension_unavailable", lambda device_type: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "current_device", no_driver)
+    monkeypatch.setattr(module, "_no_kernel_image", no_driver)
+    assert compact_kv_backend("cuda") == "torch"
+    assert compact_kv_backend("cuda:1") == "torch"
+    with pytest.raises(RuntimeError, match=r"backend='native': no CUDA device is available"):
+        _use_native("native", torch.device("cuda"))
+
+
 class _FakeCudaExtension:
     """pjd._C_cuda as its binary answers on a GPU of ``capability`` (sm_80 / sm_90 SASS, compute_90 PTX)."""
 
@@ -151,6 +171,7 @@ def fake_gpu(monkeypatch):
         extension = _FakeCudaExtension(capability)
         monkeypatch.setattr(module, "_extension_unavailable", lambda device_type: None)
         monkeypatch.setitem(sys.modules, "pjd._C_cuda", extension)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: capability)
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: name)

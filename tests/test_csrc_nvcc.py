@@ -105,3 +105,41 @@ def test_cuda_binding_parses_against_torch_headers(tmp_path):
            str(CSRC / "compact_kv_cuda.cpp")]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stderr}"
+
+
+def _setup_py_function(name):
+    """A top-level function of setup.py, without running setup() (setup.py is a script)."""
+    import ast
+
+    source = (CSRC.parent / "setup.py").read_text()
+    tree = ast.parse(source)
+    module = ast.Module(body=[n for n in tree.body if isinstance(n, ast.FunctionDef)], type_ignores=[])
+    scope = {"os": os, "sys": __import__("sys")}
+    exec(compile(module, "setup.py", "exec"), scope)
+    return scope[name]
+
+
+def test_setup_finds_cuda_home_through_an_nvcc_wrapper(tmp_path, monkeypatch):
+    """nvcc on PATH is a wrapper script in a folder without headers (torch's guess): setup.py asks
+    the real nvcc (--dryrun prints its TOP folder) and takes the toolkit that has cuda_runtime.h."""
+    toolkit = tmp_path / "toolkit-13.0"
+    (toolkit / "include").mkdir(parents=True)
+    (toolkit / "include" / "cuda_runtime.h").write_text("")
+    (toolkit / "bin").mkdir()
+    real = toolkit / "bin" / "nvcc"
+    real.write_text(f'#!/bin/sh\necho "#$ _HERE_={toolkit}/bin"\necho "#$ TOP={toolkit}/bin/.."\n')
+    wrapper_dir = tmp_path / "wrappers" / "bin"
+    wrapper_dir.mkdir(parents=True)
+    wrapper = wrapper_dir / "nvcc"
+    wrapper.write_text(f'#!/bin/sh\nexec {real} "$@"\n')
+    for f in (real, wrapper):
+        f.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{wrapper_dir}:{os.environ['PATH']}")
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    find_cuda_home = _setup_py_function("find_cuda_home")
+    assert os.path.realpath(find_cuda_home()) == str(toolkit)
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "wrappers"))  # no headers there: not taken
+    assert os.path.realpath(find_cuda_home()) == str(toolkit)
+    monkeypatch.setenv("CUDA_HOME", str(toolkit))
+    assert find_cuda_home() == str(toolkit)

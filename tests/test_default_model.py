@@ -73,6 +73,37 @@ def test_default_generates_recognisable_classes(shipped):
     assert feats.shape == (10, 128) and torch.isfinite(torch.tensor(fid(feats)))
 
 
+def _first_column_log_prob(dm, tokens: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean teacher-forced log-probability (nats, over the image tokens) of the tokens (r, 0), r >= 1."""
+    lo, hi = dm.image_token_range
+    ids = torch.cat([dm.prompt(labels), tokens.reshape(len(labels), -1)], 1)
+    with torch.no_grad():
+        logp = dm.model(input_ids=ids).logits[:, :-1, lo:hi].float().log_softmax(-1)
+    logp = logp.gather(-1, (ids[:, 1:] - lo)[..., None]).view(len(labels), dm.height, dm.width)
+    return float(logp[:, 1:, 0].mean())
+
+
+def test_pjd_defaults_keep_the_first_column_and_the_classes_of_ar(shipped):
+    """docs/decisions.md (issue 21): without EOL a fresh row leads with the last token of the lowest
+    complete row, after row 0 is decoded first. The model's log-probability of the first column of
+    pjd's images then stays near ar's (the old lead, the row above's mid-row token, loses ~7 nats
+    there and turns the left border bright), and the classes stay recognisable (within 0.05 of ar)."""
+    labels = torch.arange(10)
+    kw = dict(height=16, width=16, image_token_range=shipped.image_token_range, cfg_scale=3.0,
+              uncond_input_ids=shipped.null_prompt(10), seed=0)
+    with torch.no_grad():
+        ar = pjd.generate(shipped.model, shipped.prompt(labels), method="ar", **kw)
+        fast = pjd.generate(shipped.model, shipped.prompt(labels), method="pjd", **kw)
+        old = pjd.generate(shipped.model, shipped.prompt(labels), method="pjd", row_lead="above", row0_first=False,
+                           **kw)
+    assert 256 / float(fast.steps_per_image.float().mean()) >= 2.5  # it still decodes in parallel
+    ar_col = _first_column_log_prob(shipped, ar.tokens, labels)
+    assert _first_column_log_prob(shipped, fast.tokens, labels) >= ar_col - 1.0
+    assert _first_column_log_prob(shipped, old.tokens, labels) < ar_col - 3.0  # the check can fail
+    ar_acc = class_accuracy(shipped.decode(ar.tokens), labels)
+    assert class_accuracy(shipped.decode(fast.tokens), labels) >= ar_acc - 0.05
+
+
 # --- nll_per_token indexing ------------------------------------------------------------------------
 def test_nll_per_token_matches_position_by_position_loop():
     torch.manual_seed(0)

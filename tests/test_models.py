@@ -6,6 +6,7 @@ conventions; sampled runs stay in range), prompt layouts, VQ decoding.
 """
 import pytest
 import torch
+import transformers
 
 import pjd
 import pjd.fast
@@ -120,8 +121,14 @@ def test_janus_greedy_equals_transformers_generate(models):
     kw = janus_prompt(model, text, height=side, width=side, cfg_scale=CFG)
     with torch.no_grad():
         ids = torch.tensor([t + [2] for t in text])
-        hf = model.generate(ids, attention_mask=torch.ones_like(ids), generation_mode="image", do_sample=False,
-                            guidance_scale=CFG)
+        try:
+            hf = model.generate(ids, attention_mask=torch.ones_like(ids), generation_mode="image", do_sample=False,
+                                guidance_scale=CFG)
+        except TypeError as err:  # the upstream bug itself, detected by its error (transformers 5.17)
+            if "_prepare_static_cache()" in str(err) and "prefill_chunk_size" in str(err):
+                pytest.skip(f"transformers {transformers.__version__}: its own Janus image generate is broken "
+                            f"upstream ({err}); pjd's Janus decoding is still checked against sdpa")
+            raise
         for method, extra in [("ar", {}), ("sjd", {}), ("pjd", dict(context=side))]:
             out = pjd.generate(model, **kw, method=method, top_k=1, **extra)
             assert torch.equal(out.tokens.flatten(1), hf), method

@@ -97,6 +97,10 @@ def _no_kernel_image(index: int) -> str | None:
 
 def _native_unavailable(device: torch.device) -> str | None:
     """None if the native op runs on ``device``, else why not."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        # A CUDA build of torch without a driver or GPU: nothing native (or not) can run there, and
+        # asking the device (current_device, the binary's kernel image) would raise.
+        return "no CUDA device is available (torch.cuda.is_available() is False)"
     reason = _extension_unavailable(device.type)
     if reason is None and device.type == "cuda":
         reason = _no_kernel_image(torch.cuda.current_device() if device.index is None else device.index)
