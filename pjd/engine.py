@@ -42,8 +42,19 @@ BIG = 1 << 30
 CHECK_EVERY = 10  # fixed-shape loop: steps between host reads while completion is not yet possible
 
 
-@dataclass
+@dataclass(repr=False)
 class GenerationResult:
+    """What ``pjd.generate`` returns.
+
+    ``tokens``: int64 ``[B, height, width]`` image tokens (ids in ``image_token_range``; EOL tokens
+    excluded), for ``pjd.models.decode_images``. ``steps``: forward passes after the prefill (the
+    batch's; ``height * width`` for ``ar``); ``steps_per_image``: the step at which each image was
+    complete (step compression of image b = ``height * width / steps_per_image[b]``). ``accepted``:
+    per step, the image tokens committed per image ``[B]``. ``wall_seconds`` (prefill included) and
+    ``forward_seconds`` (inside the model's forward passes) time this call, first-call costs included:
+    time a second call (pjd.timing.WarmUp) for figures. ``method``: the method that produced it.
+    """
+
     tokens: torch.Tensor            # int64 [B, height, width] image tokens (EOL excluded)
     steps: int                      # forward passes after the prefill
     accepted: list[torch.Tensor] = field(default_factory=list)  # per step: image tokens committed per image [B]
@@ -57,6 +68,11 @@ class GenerationResult:
     @property
     def tokens_per_step(self) -> float:
         return self.tokens[0].numel() / max(self.steps, 1)
+
+    def __repr__(self) -> str:  # a summary: the tensors and the per-step list run to hundreds of lines
+        b, h, w = self.tokens.shape
+        return (f"GenerationResult(method={self.method!r}, tokens=[{b}, {h}, {w}], steps={self.steps}, "
+                f"tokens_per_step={self.tokens_per_step:.2f}, wall_seconds={self.wall_seconds:.3f})")
 
 
 @dataclass
@@ -110,7 +126,10 @@ def generate(model, input_ids, *, height, width, method="pjd", window=None, cont
         eol_token_id: forced end-of-line token after every row (row_slots = width + 1).
         draft_init: "random" | "repeat_left" (methods with drafts). reuse_threshold: pjd / sjd++
             draft reuse ("auto": 0.5; None: off); other methods take only "auto" or None.
-        cache: "slot" | "append". backend: "auto" | "torch" | "triton" (attention and verification).
+        cache: "slot" | "append" (the KV-cache layout: same tokens in fp32; see docs/design.md for
+            half precision). backend: attention and verification: "auto" (the Triton kernels on CUDA,
+            "sdpa" on a CPU or where the kernels cannot serve the model), "torch" (the pure-torch
+            reference), "sdpa" (torch SDPA over the cache in place), "triton".
         seed: non-negative int below 2**64 (default 0). Image b draws its random numbers from its own
             stream keyed by ``(seed, image_index[b])`` (pjd.rng), so its tokens are the same whatever
             batch, batch position, rank or device decodes it.

@@ -11,14 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-METHODS = ("ar", "sjd", "sjd++", "pjd", "zipar")
-CACHES = ("slot", "append")
+from pjd._choices import CACHES, METHODS, ROW_LEADS
+
 DEFAULT_WINDOW = {"ar": 0, "sjd": 15, "sjd++": 15, "pjd": 7, "zipar": 0}
 DEFAULT_REUSE_THRESHOLD = 0.5  # reuse_threshold="auto" for pjd and sjd++
-# Leading token of a fresh row whose row above is unfinished (no EOL; DESIGN.md §1.1), from the row
-# whose last committed token is copied: "row_end" the lowest complete row (a token that really ends a
-# row), "above" the row above (a mid-row token), "two_above" row r-2 (official ZipAR's copy).
-ROW_LEADS = ("row_end", "above", "two_above")
 
 
 @dataclass(frozen=True)

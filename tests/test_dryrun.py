@@ -9,6 +9,8 @@ and shared memory within the per-block limit; every grid must fit CUDA's limits.
 the references, so correctness stays with the interpreter tests.
 
 In-process: the pytest process never sets TRITON_INTERPRET (the interpreter tests use subprocesses).
+The session's one Triton cache (conftest.py) starts empty: each variant is compiled once per session,
+for real, and the cases that launch it again (another group, another worker) load it.
 """
 from __future__ import annotations
 
@@ -25,12 +27,6 @@ from pjd.kernels.dryrun import ARCHS, dry_run  # noqa: E402
 
 KERNELS = {"_draft_attention_fwd", "_draft_attention_combine", "_target_probs_kernel", "_accept_kernel",
            "_next_drafts_kernel"}
-
-
-@pytest.fixture(autouse=True)
-def _fresh_triton_cache(tmp_path, monkeypatch):
-    """Compile for real: no variant comes out of an on-disk cache of an earlier run."""
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton-cache"))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
