@@ -53,6 +53,9 @@ class GenerationResult:
     per step, the image tokens committed per image ``[B]``. ``wall_seconds`` (prefill included) and
     ``forward_seconds`` (inside the model's forward passes) time this call, first-call costs included:
     time a second call (pjd.timing.WarmUp) for figures. ``method``: the method that produced it.
+    ``compile_seconds``: compiling / capturing the step in this call (``generate(compile=...)``; 0 when
+    already compiled in this process), never counted in ``wall_seconds``; ``compiled``: "inductor",
+    "cuda-graph" or "" (eager). With a compiled step ``forward_seconds`` times whole steps.
     """
 
     tokens: torch.Tensor            # int64 [B, height, width] image tokens (EOL excluded)
