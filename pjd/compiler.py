@@ -24,9 +24,10 @@ from pjd.ops import _backend
 COMPILE = (False, True, "auto")
 
 
-def mode(compile, adapter, backend: str, cache: str) -> str:
+def mode(compile, adapter, backend: str) -> str:
     """"" (eager), "inductor" or "cuda-graph" for ``generate(compile=...)``. True raises where the step
-    cannot be compiled, "auto" warns once per reason and runs eager there."""
+    cannot be compiled; "auto" compiles where it is expected to pay (CUDA) and otherwise warns once per
+    reason and runs eager (on a CPU too: measured slower there, docs/performance.md)."""
     if isinstance(compile, bool) or compile == "auto":
         pass
     else:
@@ -34,6 +35,9 @@ def mode(compile, adapter, backend: str, cache: str) -> str:
     if compile is False:
         return ""
     reason = why_not(adapter.device, backend)
+    if compile == "auto" and reason is None and adapter.device.type == "cpu":
+        reason = ("on a CPU the compiled fixed-shape step measured slower than the eager dynamic-shape one "
+                  "(docs/performance.md, issue 20); compile=True compiles anyway")
     if reason is None:
         return "cuda-graph" if adapter.device.type == "cuda" else "inductor"
     if compile is True:
