@@ -11,14 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-METHODS = ("ar", "sjd", "sjd++", "pjd", "zipar")
-CACHES = ("slot", "append")
+from pjd._choices import CACHES, METHODS, ROW_LEADS
+
 DEFAULT_WINDOW = {"ar": 0, "sjd": 15, "sjd++": 15, "pjd": 7, "zipar": 0}
 DEFAULT_REUSE_THRESHOLD = 0.5  # reuse_threshold="auto" for pjd and sjd++
-# Leading token of a fresh row whose row above is unfinished (no EOL; DESIGN.md §1.1), from the row
-# whose last committed token is copied: "row_end" the lowest complete row (a token that really ends a
-# row), "above" the row above (a mid-row token), "two_above" row r-2 (official ZipAR's copy).
-ROW_LEADS = ("row_end", "above", "two_above")
 
 
 @dataclass(frozen=True)
@@ -52,6 +48,24 @@ class DecodePlan:
     @property
     def image_slots(self) -> int:
         return self.height * self.row_slots
+
+    @property
+    def max_fed_lanes(self) -> int:
+        """Most lanes one step can feed: the bucket of the fixed-shape step (N = this x (window + 1)).
+
+        Single lane: 1. Row lanes (the schedule of ``pjd.engine._Decoder.schedule``): the top open
+        row; at most one flushed row (only the top row commits a sampled token, and only it can
+        complete in a step: a lower row stays behind the row above); and the fed rows below the
+        top. Fed row i below the top has committed at most ``width - 1 - 2i`` tokens (it drafts only
+        up to one column behind the row above, so it is fed only when at least two behind, and a
+        lower row never passes a higher one) and the row above it has committed at least
+        ``max(context, 2)``: at most ``(width - 1 - max(context, 2)) // 2 + 1`` of them. The engine
+        also checks the bound on the device at every step (an internal error if it ever fails)."""
+        if not self.row_lanes:
+            return 1
+        spare = self.width - 1 - max(self.context, 2)
+        below = spare // 2 + 1 if spare >= 0 else 0
+        return min(self.num_lanes, 2 + below)
 
 
 def _positive_int(name, value):
