@@ -163,12 +163,13 @@ def test_compiled_step_is_one_graph_with_the_eager_tokens(model, monkeypatch):
 
 
 def test_compile_argument(model):
-    ids, kw = settings(height=2, width=3, method="ar")
     from pjd import compiler
 
     compiler._warned.clear()
-    with pytest.warns(RuntimeWarning, match="compile='auto' runs the step eagerly: on a CPU the compiled"):
+    ids, kw = settings(height=2, width=3, method="pjd")
+    with pytest.warns(RuntimeWarning, match="compile='auto' runs the step eagerly: on a CPU the compiled pjd"):
         assert pjd.generate(model, ids, compile="auto", **kw).compiled == ""
+    ids, kw = settings(height=2, width=3, method="ar")
     with pytest.raises(ValueError, match="compile must be False, True or 'auto'"):
         pjd.generate(model, ids, compile="yes", **kw)
     with pytest.raises(ValueError, match="compile needs fixed shapes"):

@@ -284,9 +284,11 @@ def speculative_verify(
     rules = (float(temperature), int(top_k), float(top_p), -1.0 if reuse_threshold is None else float(reuse_threshold),
              draft_init, -1 if eol_token_id is None else int(eol_token_id), int(row_slots), int(width),
              bool(continuation), coupled_noise)
-    if backend == "sdpa" and not torch.compiler.is_compiling():
+    if backend == "sdpa" or (backend == "torch" and torch.compiler.is_compiling()):
         # The sdpa (CPU) path calls the torch implementation directly: on a CPU the custom-op dispatch
-        # costs about as much as a small verification. Under torch.compile the registered op is traced.
+        # costs about as much as a small verification. Under torch.compile the pure-torch backends are
+        # traced through (inductor fuses them into the step: pjd.compiler); the Triton kernels stay
+        # behind the registered op.
         out = _canonical(speculative_verify_reference(*lanes, (int(lo), int(hi)), *rules))
     else:
         out = _speculative_verify_op(*lanes, int(lo), int(hi), *rules, backend)
