@@ -95,11 +95,11 @@ def markdown(steps: list[dict], walls: dict[int, list[dict]]) -> str:
              "|" + "---|" * (6 + len(walls))]
     for r in steps:
         wall = [next(w for w in walls[b] if w["config"] == r["config"]) for b in walls]
-        lines.append(f"| {r['config']} | {'yes' if r['exact'] else 'no'} | {r['steps_mean']:.1f} ± {r['steps_sem']:.1f} | "
-                     f"{r['compression']:.2f}x | {r['steps_minus_sjd']:+.1f} ± {r['steps_minus_sjd_sem']:.1f} | "
-                     f"{r['nll_mean']:.3f} ± {r['nll_sem']:.3f} | "
-                     + " | ".join(f"{w['median_s_per_image']:.3f} ({w['vs_sjd']:.2f}x, {w['vs_ar']:.2f}x)" for w in wall)
-                     + " |")
+        cells = [f"{w['median_s_per_image']:.3f} ({w['vs_sjd']:.2f}x, {w['vs_ar']:.2f}x)" for w in wall]
+        lines.append(f"| {r['config']} | {'yes' if r['exact'] else 'no'} | "
+                     f"{r['steps_mean']:.1f} ± {r['steps_sem']:.1f} | {r['compression']:.2f}x | "
+                     f"{r['steps_minus_sjd']:+.1f} ± {r['steps_minus_sjd_sem']:.1f} | "
+                     f"{r['nll_mean']:.3f} ± {r['nll_sem']:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -23,8 +23,9 @@ How the engine numbers the counter ``c`` of an image: ``c = (step * L + lane) * 
 Coupled draws (``coupled_draws=True``, SCD) are keyed by position instead of step: the exponential
 variate of image token ``v`` (``v < Vi = hi - lo``) at image slot ``s`` is ``-log(1 - u)`` of the
 draw with counter ``c = -1 - (s * Vi + v)`` (negative counters: disjoint from the step counters), so a
-slot sees the same noise at every step. Every image of a ``pjd.generate`` call starts at step 0 together and keeps its own lane frontiers,
-so the draws an image consumes at its step t do not depend on the other images.
+slot sees the same noise at every step. Every image of a ``pjd.generate`` call starts at step 0
+together and keeps its own lane frontiers, so the draws an image consumes at its step t do not
+depend on the other images.
 """
 from __future__ import annotations
 
