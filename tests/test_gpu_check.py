@@ -71,11 +71,12 @@ def test_parity_headline_reads_the_junit_report(tmp_path):
         '<testcase classname="tests.test_gpu" name="test_a"/>'
         '<testcase classname="tests.test_gpu" name="test_b"><failure message="x"/></testcase>'
         '<testcase classname="tests.test_gpu" name="test_c"><skipped/></testcase></testsuite></testsuites>')
-    (tmp_path / "parity_kernels.json").write_text(json.dumps([dict(kernel="_k", regs=96, spills=20)]))
+    (tmp_path / "parity_kernels.gw0.json").write_text(json.dumps([dict(kernel="_k", regs=96, spills=20)]))
+    (tmp_path / "parity_kernels.gw1.json").write_text(json.dumps([dict(kernel="_k", regs=64, spills=0)]))
     head = gpu_check._parity_headline(tmp_path)
     assert (head["tests"], head["failures"], head["skipped"]) == (3, 1, 1)
     assert head["failed"] == ["tests.test_gpu::test_b"]
     md = gpu_check.markdown(dict(date="d", device="GPU", mode="GPU", commit="c", budget_s=450, total_s=1.0,
                                  stages=[dict(stage="parity", status="failed (exit 1)", result=head, tail="E boom")]))
-    assert "- FAILED tests.test_gpu::test_b" in md and "_k: 1 variants, max 96 registers, 20 spills" in md
+    assert "- FAILED tests.test_gpu::test_b" in md and "_k: 2 variants, max 96 registers, 20 spills" in md
     assert "E boom" in md
