@@ -49,23 +49,27 @@ def _model(head_dim=32, heads=2, kv_heads=1, dtype=torch.float32, layers=1):
                       logit_scale=4.0, dtype=dtype)
 
 
-def _generate(model, *, method="pjd", batch=1, cfg=True, eol=False, window=None, cache="slot", seed=0):
+def _generate(model, *, method="pjd", batch=1, cfg=True, eol=False, window=None, cache="slot", seed=0,
+              fixed_shapes=None):
     import pjd
 
     ids = torch.arange(1, batch + 1)[:, None]
     uncond = torch.full((batch, 1), HI + 1) if cfg else None
     return pjd.generate(model, ids, height=HEIGHT, width=WIDTH, method=method, window=window, cache=cache,
                         image_token_range=(LO, HI), eol_token_id=EOL if eol else None, cfg_scale=3.0 if cfg else 1.0,
-                        uncond_input_ids=uncond, top_k=50, backend="triton", seed=seed)
+                        uncond_input_ids=uncond, top_k=50, backend="triton", seed=seed, fixed_shapes=fixed_shapes)
 
 
 def group_generate():
-    """Every method under four settings (batch, CFG, EOL, window 1, cache), then a second decode."""
+    """Every method under four settings (batch, CFG, EOL, window 1, cache), then the fixed-shape step
+    (what CUDA runs by default and captures in a graph: whole-cache attention, padded inputs)."""
     model = _model()
     for method in METHODS:
         for batch, cfg, eol, window_one, cache in SETTINGS:
             window = 1 if window_one and method not in ("ar", "zipar") else None
             _generate(model, method=method, batch=batch, cfg=cfg, eol=eol, window=window, cache=cache)
+    for method, cache in (("ar", "slot"), ("pjd", "slot"), ("pjd", "append"), ("sjd", "slot")):
+        _generate(model, method=method, batch=2, cache=cache, fixed_shapes=True)
 
 
 def group_models():

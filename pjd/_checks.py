@@ -131,7 +131,18 @@ def check_prompts(adapter, input_ids, attention_mask, uncond_input_ids, uncond_a
 
 def check_positions(adapter, prompt_len: int, height: int, width: int, eol_token_id) -> None:
     """The grid fits the model's positions (and int32 raster positions), before anything is sized by it
-    (make_plan builds per-row tuples). Non-positive sizes are left to make_plan's message."""
+    (make_plan builds per-row tuples). Non-positive sizes are left to make_plan's message.
+
+    A model built for one token grid (``adapter.grid``: LlamaGen's 2-D RoPE table is laid out by the
+    rows of its ``grid_size`` x ``grid_size`` grid) takes exactly its width: another width would give
+    tokens the wrong 2-D positions. Fewer rows are the top rows of an image."""
+    grid = getattr(adapter, "grid", None)
+    if grid is not None and height >= 1 and width >= 1:
+        rows, cols = grid
+        if width != cols or height > rows:
+            raise ValueError(f"a {height}x{width} grid on a model built for {rows}x{cols} token grids: width must "
+                             f"be {cols} (its 2-D positions are laid out by rows) and height at most {rows} "
+                             "(fewer rows decode the top of an image)")
     total = prompt_len + height * (width + (eol_token_id is not None))
     limit = adapter.max_positions
     if limit is not None and total > limit:
@@ -140,3 +151,23 @@ def check_positions(adapter, prompt_len: int, height: int, width: int, eol_token
     if total >= HIDDEN_POS:
         raise ValueError(f"a {height}x{width} grid after a {prompt_len}-token prompt needs {total} positions; "
                          f"pjd indexes positions with int32 (< {HIDDEN_POS})")
+
+
+def check_device(device, name: str = "device") -> torch.device:
+    """``device`` as a torch.device that exists here: a clear error instead of torch's assertion when,
+    e.g., "cuda" is asked of a torch without CUDA or a machine without a GPU."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name} must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}") from None
+    if dev.type == "cpu" or dev.type == "meta":
+        return dev
+    backend = getattr(torch, dev.type, None)
+    available = backend is not None and hasattr(backend, "is_available") and backend.is_available()
+    if not available:
+        build = "" if dev.type != "cuda" or torch.version.cuda else " (this torch build has no CUDA)"
+        raise ValueError(f"{name}={str(device)!r}: no {dev.type} device is available here{build}; use 'cpu'")
+    count = backend.device_count() if hasattr(backend, "device_count") else None
+    if dev.index is not None and count is not None and dev.index >= count:
+        raise ValueError(f"{name}={str(device)!r}: only {count} {dev.type} device(s) here")
+    return dev

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-METHODS = ("ar", "sjd", "sjd++", "pjd", "zipar")
-CACHES = ("slot", "append")
+from pjd._choices import CACHES, METHODS, ROW_LEADS
+
 DEFAULT_WINDOW = {"ar": 0, "sjd": 15, "sjd++": 15, "pjd": 7, "zipar": 0}
 DEFAULT_REUSE_THRESHOLD = 0.5  # reuse_threshold="auto" for pjd and sjd++
 
@@ -28,6 +28,8 @@ class DecodePlan:
     hi: int
     window: int             # drafts per lane per step
     context: int            # committed tokens of lane l-1 that activate lane l (row lanes)
+    row0_first: bool        # lane 1 activates only once lane 0 is complete (row lanes)
+    row_lead: str           # which row a fresh row's scaffold copies (ROW_LEADS)
     reuse_threshold: float | None
     row_causal: bool
     lane_base: tuple[int, ...]   # image-slot index of each lane's first slot
@@ -45,6 +47,24 @@ class DecodePlan:
     def image_slots(self) -> int:
         return self.height * self.row_slots
 
+    @property
+    def max_fed_lanes(self) -> int:
+        """Most lanes one step can feed: the bucket of the fixed-shape step (N = this x (window + 1)).
+
+        Single lane: 1. Row lanes (the schedule of ``pjd.engine._Decoder.schedule``): the top open
+        row; at most one flushed row (only the top row commits a sampled token, and only it can
+        complete in a step: a lower row stays behind the row above); and the fed rows below the
+        top. Fed row i below the top has committed at most ``width - 1 - 2i`` tokens (it drafts only
+        up to one column behind the row above, so it is fed only when at least two behind, and a
+        lower row never passes a higher one) and the row above it has committed at least
+        ``max(context, 2)``: at most ``(width - 1 - max(context, 2)) // 2 + 1`` of them. The engine
+        also checks the bound on the device at every step (an internal error if it ever fails)."""
+        if not self.row_lanes:
+            return 1
+        spare = self.width - 1 - max(self.context, 2)
+        below = spare // 2 + 1 if spare >= 0 else 0
+        return min(self.num_lanes, 2 + below)
+
 
 def _positive_int(name, value):
     if isinstance(value, bool) or not isinstance(value, int):
@@ -55,7 +75,7 @@ def _positive_int(name, value):
 
 def make_plan(*, method, height, width, window, context, top_k, top_p, temperature, cfg_scale,
               image_token_range, eol_token_id, draft_init, reuse_threshold, cache, vocab_size,
-              row_causal) -> DecodePlan:
+              row_causal, row0_first="auto", row_lead="row_end") -> DecodePlan:
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     _positive_int("height", height)
@@ -98,6 +118,18 @@ def make_plan(*, method, height, width, window, context, top_k, top_p, temperatu
         raise ValueError(f"context applies to the row-parallel methods 'pjd' and 'zipar', not {method!r}")
     else:
         context = width
+    if row_lead not in ROW_LEADS:
+        raise ValueError(f"row_lead must be one of {ROW_LEADS}, got {row_lead!r}")
+    if row_lead != ROW_LEADS[0] and method not in ("pjd", "zipar"):
+        raise ValueError(f"row_lead applies to the row-parallel methods 'pjd' and 'zipar', not {method!r}")
+    if row0_first == "auto":
+        # Without EOL a fresh row then always has a complete row above it to lead from; with EOL
+        # every row leads with its real EOL and waiting for row 0 would only cost steps.
+        row0_first = method in ("pjd", "zipar") and eol_token_id is None
+    elif not isinstance(row0_first, bool):
+        raise TypeError(f"row0_first must be True, False or 'auto', got {type(row0_first).__name__} {row0_first!r}")
+    elif row0_first and method not in ("pjd", "zipar"):
+        raise ValueError(f"row0_first applies to the row-parallel methods 'pjd' and 'zipar', not {method!r}")
     if method not in ("pjd", "sjd++"):
         reuse_threshold = None  # sjd is the classic (lossless) Jacobi refresh; ar and zipar have no drafts
     elif reuse_threshold == "auto":
@@ -114,7 +146,7 @@ def make_plan(*, method, height, width, window, context, top_k, top_p, temperatu
         lane_len = (height * row_slots - (eol_token_id is not None),)
     # Drafts past a lane's end are never fed: a larger window would only size buffers.
     window = min(window, max(lane_len))
-    return DecodePlan(method, height, width, row_slots, eol_token_id, lo, hi, window, context,
+    return DecodePlan(method, height, width, row_slots, eol_token_id, lo, hi, window, context, row0_first, row_lead,
                       None if reuse_threshold is None else float(reuse_threshold), bool(row_causal),
                       lane_base, lane_len)
 

@@ -115,11 +115,15 @@ class DrawStream:
         # keys + (c + 1) * GAMMA for step 0; step t adds t * per_step * GAMMA (one add per step).
         self.base = image_keys(seed, image_index)[:, None, None] + (counters + 1) * _i64(GAMMA)
 
-    def step(self, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Draws of step ``t``: u_accept float32 ``[B, L, W]``, u_sample float32 ``[B, L, W + 1]``,
-        tokens int64 ``[B, L, W]``."""
+    def step(self, t: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Draws of step ``t`` (an int, or an int64 0-d tensor on the stream's device: the fixed-shape
+        step's counter, never read back): u_accept float32 ``[B, L, W]``, u_sample float32
+        ``[B, L, W + 1]``, tokens int64 ``[B, L, W]``."""
         W = self.W
-        z = mix64(self.base + _i64(t * self.per_step * GAMMA))
+        if isinstance(t, torch.Tensor):  # wrapping int64 multiply: the same offset modulo 2**64
+            z = mix64(self.base + t * _i64(self.per_step * GAMMA))
+        else:
+            z = mix64(self.base + _i64(t * self.per_step * GAMMA))
         u = to_uniform(z[..., :2 * W + 1])
         return u[..., :W], u[..., W:], to_tokens(z[..., 2 * W + 1:], self.lo, self.hi)
 

@@ -32,7 +32,7 @@ import torch
 import pjd
 from pjd import _checks, distributed
 from pjd.models.base import adapter_for
-from pjd.ops._backend import BACKENDS, resolve_backend
+from pjd.ops._backend import resolve_backend
 from pjd.plan import METHODS, make_plan
 
 FORMAT = 1
@@ -62,6 +62,8 @@ class SampleSettings:
     reuse_threshold: float | str | None = "auto"  # as pjd.generate: 0.5 for pjd / sjd++, off elsewhere
     draft_init: str = "random"
     row_causal: bool = True
+    row0_first: bool | str = "auto"  # as pjd.generate: row 0 decoded first without EOL (pjd / zipar)
+    row_lead: str = "row_end"
     seed: int = 0
 
 
@@ -140,7 +142,8 @@ def run_identity(settings: SampleSettings, dm) -> dict:
                          temperature=settings.temperature, cfg_scale=settings.cfg_scale,
                          image_token_range=dm.image_token_range, eol_token_id=None, draft_init=settings.draft_init,
                          reuse_threshold=settings.reuse_threshold, cache="slot",
-                         vocab_size=adapter_for(dm.model).vocab_size, row_causal=settings.row_causal)
+                         vocab_size=adapter_for(dm.model).vocab_size, row_causal=settings.row_causal,
+                         row0_first=settings.row0_first, row_lead=settings.row_lead)
     except (TypeError, ValueError) as e:
         raise SampleError(str(e)) from e
     return dict(
@@ -150,6 +153,7 @@ def run_identity(settings: SampleSettings, dm) -> dict:
         top_p=float(settings.top_p), temperature=float(settings.temperature), cfg_scale=float(settings.cfg_scale),
         reuse_threshold=plan.reuse_threshold,
         draft_init=settings.draft_init if plan.window else None, row_causal=plan.row_causal, seed=seed,
+        row0_first=plan.row0_first if plan.row_lanes else None, row_lead=plan.row_lead if plan.row_lanes else None,
     )
 
 
@@ -263,6 +267,8 @@ def _run(group, dev, settings, out, batch_size, backend, cache, npz, progress):
                       top_k=identity["top_k"], top_p=identity["top_p"], temperature=identity["temperature"],
                       cfg_scale=identity["cfg_scale"], reuse_threshold=identity["reuse_threshold"],
                       draft_init=identity["draft_init"] or "random", row_causal=identity["row_causal"],
+                      **({"row0_first": identity["row0_first"], "row_lead": identity["row_lead"]}
+                         if identity["row_lead"] else {}),
                       seed=identity["seed"], cache=cache, backend=backend)
     for chunk in todo:
         index = torch.tensor(list(chunk))
@@ -370,41 +376,6 @@ def _device_name(device: torch.device) -> str:
 __all__ = ["SampleSettings", "SampleError", "run_sample", "resolve_classes", "read_prompts", "chunks"]
 
 
-def _reuse_threshold(text: str) -> float | str | None:
-    word = text.lower()
-    return None if word == "none" else "auto" if word == "auto" else float(text)
-
-
-def add_arguments(parser) -> None:
-    """The `pjd sample` command line."""
-    what = parser.add_mutually_exclusive_group()
-    what.add_argument("--classes", default=None,
-                      help="comma list of class ids or names; image i gets the (i mod len)-th (default: all classes)")
-    what.add_argument("--prompts", default=None, help="file with one prompt per line (class names or ids)")
-    parser.add_argument("--num-images", "-n", type=int, default=None,
-                        help="images to decode (default with --prompts: one per line)")
-    parser.add_argument("--out", required=True, help="output directory (re-run the same command to resume)")
-    parser.add_argument("--model", default="default", help="'default' (embedded model) or 'tiny' (smoke runs)")
-    parser.add_argument("--method", choices=METHODS, default="pjd")
-    parser.add_argument("--window", type=int, default=None)
-    parser.add_argument("--context", type=int, default=None)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--cfg-scale", type=float, default=3.0)
-    parser.add_argument("--reuse-threshold", type=_reuse_threshold, default="auto",
-                        help="'auto' (0.5 for pjd / sjd++), a number (pjd / sjd++ only), or 'none' (off)")
-    parser.add_argument("--draft-init", choices=["random", "repeat_left"], default="random")
-    parser.add_argument("--no-row-causal", action="store_true", help="the paper's ablation")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda:LOCAL_RANK under torchrun)")
-    parser.add_argument("--backend", default="auto", choices=list(BACKENDS))
-    parser.add_argument("--cache", default="slot", choices=["slot", "append"])
-    parser.add_argument("--no-npz", action="store_true", help="PNGs only, no samples.npz")
-    parser.add_argument("--no-progress", action="store_true")
-
-
 def main(args) -> int:
     """Run `pjd sample` from parsed arguments (raises SampleError on bad input)."""
     if args.prompts is not None:
@@ -421,7 +392,8 @@ def main(args) -> int:
         num_images=num_images, classes=classes, model=args.model, method=args.method, window=args.window,
         context=args.context, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
         cfg_scale=args.cfg_scale, reuse_threshold=args.reuse_threshold, draft_init=args.draft_init,
-        row_causal=not args.no_row_causal, seed=args.seed)
+        row_causal=not args.no_row_causal, seed=args.seed,
+        row0_first={"auto": "auto", "on": True, "off": False}[args.row0_first], row_lead=args.row_lead)
     run_sample(settings, args.out, batch_size=args.batch_size, device=args.device, backend=args.backend,
                cache=args.cache, npz=not args.no_npz, progress=not args.no_progress)
     return 0

@@ -101,6 +101,34 @@ def test_append_cache_equals_slot_cache(model, eol, method, extra, backend):
     assert slot.steps == append.steps
 
 
+@pytest.fixture(scope="module")
+def bf16_model():
+    return tiny_llama(VOCAB, hidden_size=48, layers=2, heads=4, kv_heads=2, logit_scale=2.0, seed=1,
+                      dtype=torch.bfloat16)
+
+
+def _layouts(model, method, seed, backend):
+    ids = prompts(3, seed=seed)
+    kw = dict(height=3, width=4, method=method, seed=seed, backend=backend, **cfg_args(ids))
+    return run(model, ids, cache="slot", **kw).tokens, run(model, ids, cache="append", **kw).tokens
+
+
+@pytest.mark.parametrize("method", ["sjd", "sjd++", "zipar"])
+def test_cache_layouts_in_half_precision(bf16_model, method):
+    """What docs/design.md §2 promises per dtype. The torch reference accumulates attention in fp32 and
+    rounds once: the same tokens in bf16 as in fp32. The sdpa path (and the Triton kernels) sum in the
+    layouts' own key orders, and in bf16 that rounding can flip a draw near a threshold: the same
+    distribution, not the same bits -- a handful of tokens differ (measured 11 of 360 for sjd over 10
+    seeds, docs/decisions.md issue 23), never a wholesale divergence (a layout bug is)."""
+    differing = total = 0
+    for seed in range(6):
+        slot, append = _layouts(bf16_model, method, seed, "torch")
+        assert torch.equal(slot, append), seed
+        slot, append = _layouts(bf16_model, method, seed, "sdpa")
+        differing, total = differing + int((slot != append).sum()), total + slot.numel()
+    assert differing <= 0.1 * total, (differing, total)
+
+
 def test_pjd_parallel_rows_take_fewer_steps(model):
     # Mean steps per image over 8 prompts: on this random model one greedy image's count moves by a
     # few steps with the draft initialisation's luck, the mean does not.
@@ -167,35 +195,45 @@ def test_nan_logits_are_reported(model, backend):
             weight.copy_(saved)
 
 
-def test_no_eol_scaffold_is_fixed_from_activation_until_the_row_above_completes(model, monkeypatch):
+@pytest.mark.parametrize("row_lead", ["row_end", "above", "two_above"])
+def test_no_eol_scaffold_is_fixed_from_activation_until_the_row_above_completes(model, monkeypatch, row_lead):
     """DESIGN.md §1.1: without EOL, a row activated while the row above is unfinished leads with a
-    copy of the row above's last committed token taken at its first step, kept while the row above
-    moves on; once the row above is complete the real token (its last one) leads."""
+    scaffold taken at its first step and kept while the rows above move on: the last committed token
+    of the lowest complete row ("row_end"), of the row above ("above") or of row r-2 ("two_above");
+    once the row above is complete its real last token leads."""
     from pjd import engine
 
-    width, seen = 8, []  # (lane, leading token fed, row above's last committed token, row above complete)
+    width, seen = 8, []  # (lane, leading token fed, expected scaffold now, row above complete, its last)
     pack = engine._Decoder.pack
+
+    def last(self, row):
+        return int(self.tokens[0, self.P + int(self.lane_base[row]) + int(self.n[0, row]) - 1])
 
     def spy(self, lanes):
         step = pack(self, lanes)
+        top = int((self.n[0] < width).long().argmax())
         for lane in range(1, self.L):
             if step is not None and lanes.fed[0, lane] and self.n[0, lane] == 0:
-                above = int(self.n[0, lane - 1])
-                last = int(self.tokens[0, self.P + int(self.lane_base[lane - 1]) + above - 1])
-                seen.append((lane, int(step.tokens[0, int(step.lane_start[0, lane])]), last, above >= width))
+                source = {"row_end": top - 1, "above": lane - 1, "two_above": lane - 2}[row_lead]
+                source = source if source >= 0 else lane - 1
+                seen.append((lane, int(step.tokens[0, int(step.lane_start[0, lane])]), last(self, source),
+                             bool(self.n[0, lane - 1] >= width), last(self, lane - 1)))
         return step
 
     monkeypatch.setattr(engine._Decoder, "pack", spy)
-    # The case is asserted below (rows starting early, the row above moving): it holds for 8 of the
-    # seeds 0-8 under the per-image streams of pjd.rng, not for seed 2.
-    run(model, prompts(1, seed=4), method="pjd", height=6, width=width, context=2, top_k=6, seed=3)
+    # The case is asserted below (rows starting early, the scaffold's source moving): it holds for
+    # these seeds under the per-image streams of pjd.rng.
+    run(model, prompts(1, seed=4), method="pjd", height=6, width=width, context=2, top_k=6, seed=4,
+        row_lead=row_lead)
     moved = 0
-    for lane in range(1, 6):
+    for lane in range(2, 6):
         open_steps = [s for s in seen if s[0] == lane and not s[3]]
         assert open_steps, f"row {lane} must start while the row above is unfinished"
-        assert {token for _, token, _, _ in open_steps} == {open_steps[0][2]}, (lane, open_steps)
-        moved += len({last for _, _, last, _ in open_steps}) > 1
-        assert all(token == last for la, token, last, done in seen if la == lane and done)
-    # The case must move the row above's last token while a row still leads with its scaffold
-    # (where re-copying it every step would differ).
-    assert moved >= 2, seen
+        assert {s[1] for s in open_steps} == {open_steps[0][2]}, (lane, open_steps)
+        moved += len({s[2] for s in open_steps}) > 1
+        assert all(token == real for la, token, _, done, real in seen if la == lane and done)
+    # Row 0 first (the default without EOL): row 1 never leads with a scaffold.
+    assert [s for s in seen if s[0] == 1] and all(s[3] for s in seen if s[0] == 1)
+    # The case must move the scaffold's source while a row still leads with its scaffold (where
+    # re-copying it every step would differ).
+    assert moved >= 1, (moved, seen)

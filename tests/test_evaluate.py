@@ -74,7 +74,8 @@ def test_bootstrap_off_and_bad(tmp_path):
 @pytest.mark.parametrize("setup,match", [
     (lambda d: None, "samples"),
     (lambda d: d.mkdir(), "neither"),
-    (lambda d: (d.mkdir(), np.savez(d / "samples.npz", arr_0=np.zeros((3, 4, 4), np.uint8))), "uint8"),
+    (lambda d: (d.mkdir(), np.savez(d / "samples.npz", arr_0=np.zeros((3, 4, 4), np.uint8))), "got shape"),
+    (lambda d: (d.mkdir(), np.savez(d / "samples.npz", arr_0=np.zeros((3, 4, 4, 3), np.float32))), "uint8"),
     (lambda d: (d.mkdir(), np.savez(d / "samples.npz", x=np.zeros((3, 4, 4, 3), np.uint8))), "arr_0"),
 ])
 def test_bad_inputs(tmp_path, capsys, setup, match):

@@ -153,7 +153,8 @@ def speculative_verify_reference(
         init_fill = init_tokens
     next_tokens = torch.where(fresh, fresh_tokens, old_tokens)
     next_tokens = torch.where(init, init_fill, next_tokens)
-    one_hot = torch.nn.functional.one_hot((next_tokens - lo).clamp(0, hi - lo - 1), hi - lo).float()
+    # One-hot by comparison: F.one_hot reads the indices back to check them (a host read every step).
+    one_hot = ((next_tokens - lo).clamp(0, hi - lo - 1)[..., None] == torch.arange(hi - lo, device=device)).float()
     next_q = torch.where(fresh[..., None], p_k, old_q)
     next_q = torch.where(init[..., None], one_hot, next_q)
     is_forced = forced(k)
