@@ -246,27 +246,20 @@ MAX_HEAD_DIM = 256
 # Shipped tile configs, keyed by (padded head dim BLOCK_D, element size in bytes). BLOCK_D is the
 # head dim rounded up to a power of two, at least 16 (tl.dot's smallest K). Every config is compiled
 # for sm_80 and sm_90 by the dry-run gate (benchmarks/kernel_report.py, tests/test_dryrun.py): no
-# spills, shared memory in budget, under triton 3.9 (our pin) and 3.6 (torch 2.11's; its ptxas
-# allocates registers differently: scripts/device_stack_gate.sh). BLOCK_M = 64 rows covers the decode
-# case (<= 8 rows x 8 inputs) in one block per kv head; D = 256 takes smaller row blocks (a 64 x 256
-# fp32 accumulator spills). (32, 4) has 3 stages: with 2, ptxas spills 28 bytes of its split variant
-# on sm_80. Under 3.6: (256, 2) with 8 warps spills 8 bytes (4 warps: none); (128, 4) at 32 x 32
-# spills 12 bytes on sm_80 (16 x 32: none).
+# spills, shared memory in budget. BLOCK_M = 64 rows covers the decode case (<= 8 rows x 8 inputs)
+# in one block per kv head; D = 256 takes smaller row blocks (a 64 x 256 fp32 accumulator spills).
+# (32, 4) has 3 stages: with 2, ptxas spills 28 bytes of its split variant on sm_80.
 _T = TileConfig
 CONFIGS = {
     (16, 2): _T(64, 64, 4, 3), (32, 2): _T(64, 64, 4, 3), (64, 2): _T(64, 64, 4, 3),
-    (128, 2): _T(64, 64, 8, 3), (256, 2): _T(32, 32, 4, 2),
+    (128, 2): _T(64, 64, 8, 3), (256, 2): _T(32, 32, 8, 2),
     (16, 4): _T(32, 32, 4, 2), (32, 4): _T(32, 32, 4, 3), (64, 4): _T(32, 32, 4, 2),
-    (128, 4): _T(16, 32, 8, 2), (256, 4): _T(16, 16, 4, 2),
+    (128, 4): _T(32, 32, 8, 2), (256, 4): _T(16, 16, 4, 2),
 }
 # Head dims that are not a power of two (D < BLOCK_D) load with a per-element dim mask, which costs
 # registers: from BLOCK_D = 128 up these take smaller tiles (the others stay spill-free as they are).
-# Under 3.6 the former (128, 2) 32 x 64 spilled 12 bytes on sm_90 and (256, 2) 32 x 16 184 on sm_80;
-# fp32 (128, 4) ragged dims take 32 x 16 (16 x 32 spills 104 bytes at D = 100 under 3.9, 32 x 32
-# 12 bytes at D = 80 under 3.6).
 RAGGED_CONFIGS = {
-    (128, 2): _T(32, 32, 8, 3), (256, 2): _T(16, 16, 8, 2),
-    (128, 4): _T(32, 16, 8, 2), (256, 4): _T(16, 16, 8, 2),
+    (128, 2): _T(32, 64, 8, 3), (256, 2): _T(32, 16, 8, 2), (256, 4): _T(16, 16, 8, 2),
 }
 # Compile options of every launch: FP contraction on (the outputs are compared with a tolerance;
 # FMAs are faster and no less accurate). Said explicitly: Triton 3.10 changes the default.
