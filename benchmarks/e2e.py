@@ -273,7 +273,10 @@ def main(argv=None) -> dict:
     p.add_argument("--table1", action="store_true", help="run the Table-1 reproduction instead of --sections")
     p.add_argument("--table1-samples", type=int, default=2000, help="images per row (multiple of 10)")
     p.add_argument("--table1-batch", type=int, default=100, help="images decoded together")
-    p.add_argument("--table1-methods", default="", help="comma list: only these rows' methods (default all)")
+    p.add_argument("--table1-methods", default="",
+                   help="comma list: only these rows, by method (pjd: every context) or method:context (default all)")
+    p.add_argument("--table1-merge", default=None,
+                   help="a previous table1.json: its rows that this run does not decode are kept (marked reused)")
     p.add_argument("--table1-minutes", type=float, default=None,
                    help="stop after the chunk round that passes this budget (rows keep equal sample counts)")
     args = p.parse_args(argv)
@@ -394,7 +397,7 @@ def main(argv=None) -> dict:
 
 
 def table1_main(args) -> dict:
-    from _table1 import markdown, plot_table1, run_table1
+    from _table1 import markdown, merge_rows, plot_table1, run_table1
 
     from pjd.models import default
 
@@ -402,12 +405,21 @@ def table1_main(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     device = device_name(torch.device("cpu"))
     methods = [m for m in args.table1_methods.split(",") if m]
-    rows = run_table1(default(), samples=args.table1_samples, batch=args.table1_batch, cfg_scale=args.cfg_scale,
+    previous = json.loads(Path(args.table1_merge).read_text()) if args.table1_merge else None
+    dm = default()
+    rows = run_table1(dm, samples=args.table1_samples, batch=args.table1_batch, cfg_scale=args.cfg_scale,
                       seed=args.seed, out=out, device=device, methods=methods, minutes=args.table1_minutes)
     n = rows[0]["samples"]
     budget = f" --table1-minutes {args.table1_minutes}" if args.table1_minutes is not None else ""
-    text = (f"Command: `python benchmarks/e2e.py --table1 --table1-samples {args.table1_samples} --table1-batch "
-            f"{args.table1_batch} --cfg-scale {args.cfg_scale}{budget}`; device: {device}; default model (Fashion-MNIST, "
+    subset = f" --table1-methods {args.table1_methods}" if methods else ""
+    command = (f"python benchmarks/e2e.py --table1 --table1-samples {args.table1_samples} --table1-batch "
+               f"{args.table1_batch} --cfg-scale {args.cfg_scale}{budget}{subset}")
+    if previous is not None:
+        rows = merge_rows(previous["rows"], rows, f"reused from a previous run: `{previous.get('command', '?')}` "
+                          f"({previous.get('device', '?')}); the speed-up is against that run's ar", dm.width)
+    (out / "table1.json").write_text(json.dumps({**json.loads((out / "table1.json").read_text()),
+                                                 "command": command, "rows": rows}, indent=2))
+    text = (f"Command: `{command}`; device: {device}; default model (Fashion-MNIST, "
             f"16x16 tokens), **{n} images per row** ({n // 10} per class, the same classes and seeds in every row"
             f"{'; stopped by the time budget before ' + str(args.table1_samples) if n < args.table1_samples else ''}), "
             f"batches of {args.table1_batch}, rows interleaved chunk by chunk, CFG {args.cfg_scale}, seed {args.seed}. "
