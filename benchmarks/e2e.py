@@ -55,6 +55,14 @@ from _report import line_chart, update_docs  # noqa: E402
 
 SECTIONS = ("speed", "methods", "context", "window", "topk", "cfg", "ablation")
 LLAMAGEN = {"llamagen": False, "llamagen-compiled": True}  # speed-section baseline -> compiled
+
+
+def method_spec(name: str) -> tuple[str, dict]:
+    """A speed-section method: ``pjd`` or ``pjd:window=3:context=2`` (generate() settings, ints)."""
+    method, *settings = name.split(":")
+    if any("=" not in kv for kv in settings):
+        raise ValueError(f"--speed-methods: expected method[:key=value...], got {name!r}")
+    return method, {k: int(v) for k, v in (kv.split("=", 1) for kv in settings)}
 DOCS_DIR = Path(__file__).resolve().parent.parent / "docs" / "e2e"
 
 
@@ -93,6 +101,11 @@ class Bench:
             return self.warm.generate(self.model, self.prompt, height=self.height, width=self.width, method=method,
                                       image_token_range=self.image_range, cfg_scale=cfg,
                                       uncond_input_ids=self.null if cfg != 1 else None, seed=self.seed, **kw)
+
+    def generate_spec(self, name: str):
+        """``generate`` of a speed-section method name (method_spec: ``pjd:window=3``)."""
+        method, kw = method_spec(name)
+        return self.generate(method, **kw)
 
     def hf(self, cfg_mode: str):
         """hf_generate on the bench's prompts, after a warm-up call of this configuration."""
@@ -175,7 +188,7 @@ def speed_section(bench: "Bench", methods: list[str], repeats: int, hf_modes: li
     import statistics
 
     cells = {f"hf-{m}": (lambda m=m: bench.hf(m)[1]) for m in hf_modes}
-    cells.update({m: (lambda m=m: bench.llamagen(m)[1]) if m in LLAMAGEN else (lambda m=m: bench.generate(m).wall_seconds)
+    cells.update({m: (lambda m=m: bench.llamagen(m)[1]) if m in LLAMAGEN else (lambda m=m: bench.generate_spec(m).wall_seconds)
                   for m in methods})
     order = [m for m in methods if m == "ar"] + list(cells)[:len(hf_modes)] + [m for m in methods if m != "ar"]
     for name in order:  # untimed: a cell's first call runs its warm-up (bench.warm) before the call itself
@@ -205,9 +218,9 @@ def speed_section(bench: "Bench", methods: list[str], repeats: int, hf_modes: li
                 if "llamagen" in times:  # same seed, same draws: only the compiled logits' rounding may differ
                     extra["tokens_equal_to_eager"] = float((tokens == bench.llamagen("llamagen")[0]).double().mean())
         else:
-            r = bench.generate(name)
+            r = bench.generate_spec(name)
             steps, steps_per_image = r.steps, float(r.steps_per_image.double().mean())
-            ops = ops_outside_forward(bench.model, lambda: bench.generate(name))
+            ops = ops_outside_forward(bench.model, lambda: bench.generate_spec(name))
         ar_steps = bench.height * bench.width  # image tokens; EOL-free grids only here (default / tiny)
         rows.append(dict(method=name, steps=steps, step_compression=ar_steps / steps,
                          per_image_compression=ar_steps / steps_per_image,
@@ -258,7 +271,8 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default="bench_out")
     p.add_argument("--docs", action="store_true", help="copy plots to docs/e2e and refresh docs/performance.md")
     p.add_argument("--speed-methods", default="ar,sjd,sjd++,zipar,pjd",
-                   help="pjd methods of the speed section, and the LlamaGen baselines llamagen, llamagen-compiled")
+                   help="pjd methods of the speed section (settings after colons: pjd:window=3), and the "
+                        "LlamaGen baselines llamagen, llamagen-compiled")
     p.add_argument("--llamagen-repo", default=None,
                    help="checkout of github.com/FoundationVision/LlamaGen for the llamagen baselines "
                         "(default: $PJD_LLAMAGEN_REPO)")
@@ -291,7 +305,10 @@ def main(argv=None) -> dict:
     if unknown:
         p.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
     speed_methods = [m for m in args.speed_methods.split(",") if m]
-    unknown = set(speed_methods) - set(METHODS) - set(LLAMAGEN)
+    try:
+        unknown = {m for m in speed_methods if method_spec(m)[0] not in METHODS} - set(LLAMAGEN)
+    except ValueError as e:
+        p.error(str(e))
     if unknown:
         p.error(f"--speed-methods: unknown {sorted(unknown)}; choose from {METHODS + tuple(LLAMAGEN)}")
     if "speed" in sections and set(speed_methods) & set(LLAMAGEN):
