@@ -15,6 +15,7 @@ A configuration is a method followed by generate() keyword arguments, configurat
 
 Usage: python benchmarks/row_lead.py --configs "..." [--samples 300] [--batch 20] [--seed 0]
        [--cfg-scale 3] [--out bench_out/row_lead.json]
+       python benchmarks/row_lead.py --report bench_out/row_lead.json   (its markdown table)
 """
 from __future__ import annotations
 
@@ -67,15 +68,35 @@ class _Untimed:
         return pjd.generate(*args, **kwargs)
 
 
+def markdown(report: dict) -> str:
+    """The table of a row_lead.json: one line per configuration."""
+    lines = ["| configuration | steps / image | step compression | FID [95% CI] | class accuracy [95% CI] | "
+             "NLL / token | first-column log p (nats, ± s.e.) | left-border pixel |", "|" + "---|" * 8]
+    for r in report["rows"]:
+        config = " ".join([r["method"]] + [f"{k}={r[k]}" for k in ("context", "window", "row_lead", "row0_first")
+                                           if k in r])
+        lines.append(f"| {config} | {r['steps_per_image']:.1f} | {r['step_compression']:.2f}x | {r['fid']:.1f} "
+                     f"[{r['fid_ci'][0]:.1f}, {r['fid_ci'][1]:.1f}] | {r['class_accuracy']:.3f} "
+                     f"[{r['class_accuracy_ci'][0]:.3f}, {r['class_accuracy_ci'][1]:.3f}] | {r['nll_per_token']:.3f} | "
+                     f"{r['col0_logp']:.2f} ± {r['col0_sem']:.2f} | {r['left_pixel']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--configs", required=True)
+    p.add_argument("--configs")
+    p.add_argument("--report", default=None, help="print the markdown table of this row_lead.json and exit")
     p.add_argument("--samples", type=int, default=300)
     p.add_argument("--batch", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cfg-scale", type=float, default=3.0)
     p.add_argument("--out", default="bench_out/row_lead.json")
     args = p.parse_args(argv)
+    if args.report:
+        print(markdown(json.loads(Path(args.report).read_text())), end="")
+        return []
+    if not args.configs:
+        p.error("--configs is required (or --report)")
     from pjd.models import default
 
     dm, configs = default(), parse_configs(args.configs)
