@@ -1,7 +1,7 @@
 """The paper's Table 1 on the embedded Fashion-MNIST model: speed and quality of every method.
 
-Rows: ar, sjd, sjd++, zipar (c = width/4) and pjd over several contexts c (the default c = width/4
-included). Every row decodes the same classes (``samples`` images, equal count per class, class
+Rows: ar, sjd, sjd++, zipar (its default c = width/4) and pjd over several contexts c (its default
+c = width/8, width/4, width/2 and width). Every row decodes the same classes (``samples`` images, equal count per class, class
 i % 10) in the same chunks with the same seeds, the rows interleaved chunk by chunk. Columns: steps per image, step compression
 (``H*W / steps per image``, the paper's batch-1 figure), wall-clock seconds and speed-up over ar
 (CPU here: labelled with the device), FID against the test split and class accuracy (the shipped
@@ -19,17 +19,23 @@ from pathlib import Path
 
 import torch
 
+from pjd.plan import DEFAULT_CONTEXT_FRACTION
 from pjd.timing import WarmUp
 
 from _report import pyplot  # benchmarks/ is on sys.path (e2e.py puts it there)
 
 
+def default_context(method: str, width: int) -> int:
+    """The context pjd.generate uses for ``method`` when none is given (pjd.plan)."""
+    return max(1, round(width * DEFAULT_CONTEXT_FRACTION[method]))
+
+
 def table1_rows(width: int, contexts=None) -> list[tuple[str, dict]]:
-    """(method, extra generate() kwargs) of each row, in run order: pjd at the default c = width/4
-    comes right after the baselines, so a run cut short still has the main comparison."""
-    default_c = max(1, width // 4)
-    contexts = contexts or [default_c] + sorted({2, width // 2, width} - {default_c})
-    return ([("ar", {}), ("sjd", {}), ("sjd++", {}), ("zipar", {"context": default_c})]
+    """(method, extra generate() kwargs) of each row, in run order: pjd at its default context comes
+    right after the baselines, so a run cut short still has the main comparison."""
+    default_c = default_context("pjd", width)
+    contexts = contexts or [default_c] + sorted({2, width // 4, width // 2, width} - {default_c})
+    return ([("ar", {}), ("sjd", {}), ("sjd++", {}), ("zipar", {"context": default_context("zipar", width)})]
             + [("pjd", {"context": c}) for c in contexts])
 
 
@@ -91,7 +97,7 @@ def merge_rows(previous: list[dict], new: list[dict], note: str, width: int) -> 
     kept = {row_key(r["method"], r): {**r, "reused": r.get("reused") or note}
             for r in previous if row_key(r["method"], r) not in ran}
     merged = {**kept, **ran}
-    default_c = max(1, width // 4)
+    default_c = default_context("pjd", width)
     contexts = [default_c] + sorted({r["context"] for r in merged.values() if r["method"] == "pjd"} - {default_c})
     order = [row_key(m, kw) for m, kw in table1_rows(width, contexts)]
     return [merged[k] for k in order if k in merged] + [r for k, r in merged.items() if k not in order]

@@ -314,7 +314,7 @@ def test_table1_rows_select_by_method_or_context_and_merge_a_previous_run():
     new = [dict(method="pjd", context=4, fid=5.0), dict(method="pjd", context=2, fid=6.0), dict(method="ar", fid=7.0)]
     merged = _table1.merge_rows(old, new, "from run X", 16)
     assert [(_table1.row_key(r["method"], r), r["fid"], r.get("reused")) for r in merged] == [
-        ("ar", 7.0, None), ("sjd", 2.0, "from run X"), ("pjd:4", 5.0, None), ("pjd:2", 6.0, None),
+        ("ar", 7.0, None), ("sjd", 2.0, "from run X"), ("pjd:2", 6.0, None), ("pjd:4", 5.0, None),
         ("pjd:16", 4.0, "from run X")]
     for r in merged:
         r.update(samples=10, steps_per_image=1.0, step_compression=1.0, seconds=1.0, fid_ci=(0, 1),
