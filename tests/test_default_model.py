@@ -155,6 +155,7 @@ def test_demo_writes_grid_and_scores(shipped, tmp_path, compile_on_first_call):
 INTERPRETER_ROWS = 3  # the top rows of an image: with pjd's context of 4, all three are in flight at once
 
 
+@pytest.mark.slow
 def test_default_model_decodes_through_the_triton_kernels_under_the_interpreter(shipped):
     """The embedded model on the Triton kernels (the interpreter, in a subprocess) gives the torch
     reference's tokens and steps: pjd with CFG at the model's width, vocabulary, head dim and window,

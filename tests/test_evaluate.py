@@ -111,6 +111,7 @@ def test_default_measures_are_the_quality_api(tmp_path):
         assert (report["fid"], report["class_accuracy"]) == (fid, accuracy), batch_size
 
 
+@pytest.mark.slow
 def test_eval_under_torchrun_matches_one_process(tmp_path):
     import os
     import subprocess
