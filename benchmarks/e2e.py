@@ -293,7 +293,8 @@ def main(argv=None) -> dict:
     p.add_argument("--table1", action="store_true", help="run the Table-1 reproduction instead of --sections")
     p.add_argument("--table1-samples", type=int, default=2000, help="images per row (multiple of 10)")
     p.add_argument("--table1-batch", type=int, default=100, help="images decoded together")
-    p.add_argument("--table1-methods", default="", help="comma list: only these rows' methods (default all)")
+    p.add_argument("--table1-methods", default="", help="comma list: only these rows (names: ar, sjd, sjd+coupled, sjd+continuation, "
+                   "sjd+coupled+continuation, sjd++, zipar, pjd; default all)")
     p.add_argument("--table1-minutes", type=float, default=None,
                    help="stop after the chunk round that passes this budget (rows keep equal sample counts)")
     args = p.parse_args(argv)
