@@ -1,7 +1,8 @@
 """The paper's Table 1 on the embedded Fashion-MNIST model: speed and quality of every method.
 
-Rows: ar, sjd, sjd++, zipar (c = width/4) and pjd over several contexts c (the default c = width/4
-included). Every row decodes the same classes (``samples`` images, equal count per class, class
+Rows: ar, sjd, sjd with coupled draws / continuation / both (issue 22; named "sjd+coupled",
+"sjd+continuation", "sjd+coupled+continuation"), sjd++, zipar (c = width/4) and pjd over several
+contexts c (the default c = width/4 included). Every row decodes the same classes (``samples`` images, equal count per class, class
 i % 10) in the same chunks with the same seeds, the rows interleaved chunk by chunk. Columns: steps per image, step compression
 (``H*W / steps per image``, the paper's batch-1 figure), wall-clock seconds and speed-up over ar
 (CPU here: labelled with the device), FID against the test split and class accuracy (the shipped
@@ -29,8 +30,15 @@ def table1_rows(width: int, contexts=None) -> list[tuple[str, dict]]:
     comes right after the baselines, so a run cut short still has the main comparison."""
     default_c = max(1, width // 4)
     contexts = contexts or [default_c] + sorted({2, width // 2, width} - {default_c})
-    return ([("ar", {}), ("sjd", {}), ("sjd++", {}), ("zipar", {"context": default_c})]
-            + [("pjd", {"context": c}) for c in contexts])
+    exact_options = [{"coupled_draws": True}, {"continuation": True}, {"coupled_draws": True, "continuation": True}]
+    return ([("ar", {}), ("sjd", {})] + [("sjd", kw) for kw in exact_options]
+            + [("sjd++", {}), ("zipar", {"context": default_c})] + [("pjd", {"context": c}) for c in contexts])
+
+
+def row_name(method: str, kw: dict) -> str:
+    """A row's name: the method, then "+coupled" / "+continuation" for the issue-22 options it sets."""
+    return method + "".join(f"+{tag}" for key, tag in (("coupled_draws", "coupled"), ("continuation", "continuation"))
+                            if kw.get(key))
 
 
 class Row:
@@ -39,7 +47,7 @@ class Row:
     generation seconds."""
 
     def __init__(self, method: str, kw: dict):
-        self.method, self.kw = method, kw
+        self.method, self.kw, self.name = method, kw, row_name(method, kw)
         self.tokens, self.steps, self.nll, self.feats, self.correct, self.seconds = [], [], [], [], [], 0.0
 
     def decode_chunk(self, dm, labels: torch.Tensor, *, cfg_scale: float, seed: int, warm: WarmUp) -> None:
@@ -65,7 +73,7 @@ class Row:
         tokens, steps, nll = torch.cat(self.tokens), torch.cat(self.steps), torch.cat(self.nll)
         feats, correct = torch.cat(self.feats), torch.cat(self.correct)
         per_image = float(steps.mean())
-        return dict(method=self.method, **self.kw, samples=len(tokens), steps_per_image=per_image,
+        return dict(method=self.name, **self.kw, samples=len(tokens), steps_per_image=per_image,
                     step_compression=dm.height * dm.width / per_image, seconds=self.seconds,
                     fid=fid(feats), fid_ci=bootstrap_ci(feats, fid, n_boot=n_boot, seed=seed),
                     class_accuracy=float(correct.mean()),
@@ -83,7 +91,7 @@ def run_table1(dm, *, samples: int, batch: int, cfg_scale: float, seed: int, out
         raise ValueError(f"samples and batch must be positive multiples of 10 (equal count per class), "
                          f"got samples={samples}, batch={batch}")
     labels = torch.arange(samples) % len(dm.class_names)
-    rows = [Row(m, kw) for m, kw in table1_rows(dm.width, contexts) if not methods or m in methods]
+    rows = [Row(m, kw) for m, kw in table1_rows(dm.width, contexts) if not methods or row_name(m, kw) in methods]
     start, summaries, warm = time.time(), [], WarmUp()
     for i, first in enumerate(range(0, samples, batch)):
         for row in rows:
@@ -95,11 +103,11 @@ def run_table1(dm, *, samples: int, batch: int, cfg_scale: float, seed: int, out
         (out / "table1.json").write_text(json.dumps(dict(device=device, samples=summaries[0]["samples"], batch=batch,
                                                          cfg_scale=cfg_scale, seed=seed, rows=summaries,
                                                          warm_up=warm.log), indent=2))
-        torch.save({f"{r.method}{r.kw.get('context', '')}": torch.cat(r.tokens).short() for r in rows},
+        torch.save({f"{r.name}{r.kw.get('context', '')}": torch.cat(r.tokens).short() for r in rows},
                    out / "table1_tokens.pt")
         print(f"round {i}: {summaries[0]['samples']} images per row, {time.time() - start:.0f}s", flush=True)
         for r in summaries:
-            print(f"  {r['method']:6s} {r.get('context', ''):>3}  {format_row(r)}", flush=True)
+            print(f"  {r['method']:24s} {r.get('context', ''):>3}  {format_row(r)}", flush=True)
         if minutes is not None and time.time() - start > minutes * 60:
             break
     return summaries

@@ -66,6 +66,43 @@ def test_a_second_decode_compiles_nothing_new():
     assert run.count() == first, [v.constexprs for v in run.variants.values()]
 
 
+def test_fixed_shape_step_compiles_nothing_after_its_first_step(monkeypatch):
+    """The fixed-shape step (CUDA's default, what a CUDA graph captures): every variant is compiled by
+    the end of the first decoding step, later steps compile nothing (no size specialised on a value
+    that moves), the Triton wrappers read nothing back in the loop (a read would break a capture),
+    and compile=True refuses a dry run (nothing there can be captured)."""
+    from test_fixed_step import HostReads
+
+    import pjd
+    from pjd import engine
+
+    model = kernel_report._model()
+    counts, reads = [], HostReads()
+    step, run_fixed = engine._Decoder.step, engine._Decoder.run_fixed
+
+    def spy(self, timed=True):
+        fed = step(self, timed)
+        counts[-1].append(run.count())
+        return fed
+
+    def counted(self, step, bar):
+        with reads:
+            run_fixed(self, step, bar)
+
+    monkeypatch.setattr(engine._Decoder, "step", spy)
+    monkeypatch.setattr(engine._Decoder, "run_fixed", counted)
+    with torch.no_grad(), dry_run(90) as run:
+        for method, cache in (("pjd", "slot"), ("pjd", "append"), ("ar", "slot")):
+            counts.append([])
+            kernel_report._generate(model, method=method, batch=2, cache=cache, fixed_shapes=True)
+            assert len(counts[-1]) > 3 and len(set(counts[-1])) == 1, (method, cache, counts[-1])
+        assert not reads.ops, reads.ops
+        with pytest.raises(ValueError, match="compile=True cannot run here: .*dry run"):
+            pjd.generate(model, torch.ones(1, 1, dtype=torch.long), height=2, width=2, backend="triton",
+                         compile=True)
+    run.check()
+
+
 def test_dry_run_returns_reference_outputs():
     """The wrappers give their references' outputs inside a dry run: triton == torch tokens."""
     import pjd
