@@ -1,7 +1,8 @@
 """The paper's Table 1 on the embedded Fashion-MNIST model: speed and quality of every method.
 
-Rows: ar, sjd, sjd++, zipar (its default c = width/4) and pjd over several contexts c (its default
-c = width/8, width/4, width/2 and width). Every row decodes the same classes (``samples`` images, equal count per class, class
+Rows: ar, sjd, sjd with coupled draws / continuation / both (issue 22; named "sjd+coupled",
+"sjd+continuation", "sjd+coupled+continuation"), sjd++, zipar (its default c = width/4) and pjd over
+several contexts c (its default c = width/8, width/4, width/2 and width). Every row decodes the same classes (``samples`` images, equal count per class, class
 i % 10) in the same chunks with the same seeds, the rows interleaved chunk by chunk. Columns: steps per image, step compression
 (``H*W / steps per image``, the paper's batch-1 figure), wall-clock seconds and speed-up over ar
 (CPU here: labelled with the device), FID against the test split and class accuracy (the shipped
@@ -35,8 +36,16 @@ def table1_rows(width: int, contexts=None) -> list[tuple[str, dict]]:
     right after the baselines, so a run cut short still has the main comparison."""
     default_c = default_context("pjd", width)
     contexts = contexts or [default_c] + sorted({2, width // 4, width // 2, width} - {default_c})
-    return ([("ar", {}), ("sjd", {}), ("sjd++", {}), ("zipar", {"context": default_context("zipar", width)})]
+    exact_options = [{"coupled_draws": True}, {"continuation": True}, {"coupled_draws": True, "continuation": True}]
+    return ([("ar", {}), ("sjd", {})] + [("sjd", kw) for kw in exact_options]
+            + [("sjd++", {}), ("zipar", {"context": default_context("zipar", width)})]
             + [("pjd", {"context": c}) for c in contexts])
+
+
+def row_name(method: str, kw: dict) -> str:
+    """A row's name: the method, then "+coupled" / "+continuation" for the issue-22 options it sets."""
+    return method + "".join(f"+{tag}" for key, tag in (("coupled_draws", "coupled"), ("continuation", "continuation"))
+                            if kw.get(key))
 
 
 class Row:
@@ -45,7 +54,7 @@ class Row:
     generation seconds."""
 
     def __init__(self, method: str, kw: dict):
-        self.method, self.kw = method, kw
+        self.method, self.kw, self.name = method, kw, row_name(method, kw)
         self.tokens, self.steps, self.nll, self.feats, self.correct, self.seconds = [], [], [], [], [], 0.0
 
     def decode_chunk(self, dm, labels: torch.Tensor, *, cfg_scale: float, seed: int, warm: WarmUp) -> None:
@@ -71,7 +80,7 @@ class Row:
         tokens, steps, nll = torch.cat(self.tokens), torch.cat(self.steps), torch.cat(self.nll)
         feats, correct = torch.cat(self.feats), torch.cat(self.correct)
         per_image = float(steps.mean())
-        return dict(method=self.method, **self.kw, samples=len(tokens), steps_per_image=per_image,
+        return dict(method=self.name, **self.kw, samples=len(tokens), steps_per_image=per_image,
                     step_compression=dm.height * dm.width / per_image, seconds=self.seconds,
                     fid=fid(feats), fid_ci=bootstrap_ci(feats, fid, n_boot=n_boot, seed=seed),
                     class_accuracy=float(correct.mean()),
@@ -79,14 +88,16 @@ class Row:
                     nll_per_token=float(nll.mean()), nll_sem=float(nll.std() / len(nll) ** 0.5))
 
 
-def row_key(method: str, kw: dict) -> str:
-    """A row's name in --table1-methods and in the tokens file: ``pjd:4`` (method:context) or ``sjd``."""
-    return f"{method}:{kw['context']}" if "context" in kw else method
+def row_key(name: str, kw: dict) -> str:
+    """A row's key in --table1-methods and in the tokens file: ``pjd:4`` (name:context) or ``sjd+coupled``."""
+    return f"{name}:{kw['context']}" if "context" in kw else name
 
 
 def selected(method: str, kw: dict, methods) -> bool:
-    """Whether --table1-methods (method names, or ``method:context`` for one row) selects the row."""
-    return not methods or method in methods or row_key(method, kw) in methods
+    """Whether --table1-methods (row names, every context of pjd with ``pjd``, or ``name:context`` for
+    one row) selects the row."""
+    name = row_name(method, kw)
+    return not methods or name in methods or row_key(name, kw) in methods
 
 
 def merge_rows(previous: list[dict], new: list[dict], note: str, width: int) -> list[dict]:
@@ -99,7 +110,7 @@ def merge_rows(previous: list[dict], new: list[dict], note: str, width: int) -> 
     merged = {**kept, **ran}
     default_c = default_context("pjd", width)
     contexts = [default_c] + sorted({r["context"] for r in merged.values() if r["method"] == "pjd"} - {default_c})
-    order = [row_key(m, kw) for m, kw in table1_rows(width, contexts)]
+    order = [row_key(row_name(m, kw), kw) for m, kw in table1_rows(width, contexts)]
     return [merged[k] for k in order if k in merged] + [r for k, r in merged.items() if k not in order]
 
 
@@ -127,11 +138,11 @@ def run_table1(dm, *, samples: int, batch: int, cfg_scale: float, seed: int, out
         (out / "table1.json").write_text(json.dumps(dict(device=device, samples=summaries[0]["samples"], batch=batch,
                                                          cfg_scale=cfg_scale, seed=seed, rows=summaries,
                                                          warm_up=warm.log), indent=2))
-        torch.save({row_key(r.method, r.kw): torch.cat(r.tokens).short() for r in rows},
+        torch.save({row_key(r.name, r.kw): torch.cat(r.tokens).short() for r in rows},
                    out / "table1_tokens.pt")
         print(f"round {i}: {summaries[0]['samples']} images per row, {time.time() - start:.0f}s", flush=True)
         for r in summaries:
-            print(f"  {r['method']:6s} {r.get('context', ''):>3}  {format_row(r)}", flush=True)
+            print(f"  {r['method']:24s} {r.get('context', ''):>3}  {format_row(r)}", flush=True)
         if minutes is not None and time.time() - start > minutes * 60:
             break
     return summaries

@@ -8,7 +8,10 @@ Sections (each prints a table; everything is saved as JSON, plus PNG plots):
             scripts' --compile; pjd.baseline.OfficialLlamaGen), runs interleaved (ar, hf, ..., pjd,
             repeated, after an untimed pass) so load hits all alike: median and min wall time,
             median CPU time of the process, speed-ups vs hf, ar and llamagen, step compression, torch ops dispatched per decoding step outside the model forward, and the
-            compile time of llamagen-compiled apart (its first call minus its median call)
+            compile time of llamagen-compiled apart (its first call minus its median call).
+            A pjd method name may carry a suffix: "-compiled" (generate(compile=True): the whole step
+            compiled, its compile time apart as compile_s, its tokens compared with eager's) or
+            "-fixed" (generate(fixed_shapes=True): the eager fixed-shape step), e.g. pjd-compiled
   methods   ar / sjd / sjd++ / zipar / pjd at their defaults
   context   pjd and zipar over the row-activation context c (step compression and quality vs c)
   window    pjd over the draft window
@@ -26,7 +29,7 @@ classifier's accuracy on the requested classes and, for batches of >= 100 images
 over --table1-samples images (equal per class), FID and class accuracy with bootstrap intervals.
 
 Usage: python benchmarks/e2e.py [--model default|tiny] [--batch 16] [--sections methods,context]
-       [--speed-methods ar,sjd,pjd,llamagen,llamagen-compiled] [--llamagen-repo PATH] [--repeats 3]
+       [--speed-methods ar,sjd,pjd,pjd-compiled,llamagen,llamagen-compiled] [--llamagen-repo PATH] [--repeats 3]
        [--hf-cfg both|batched|guidance]
        [--out bench_out/e2e] [--docs]      (--docs also refreshes docs/e2e/ and docs/performance.md)
        python benchmarks/e2e.py --quick    (the speed section at batch 1: ar, hf, pjd, 3 repeats; about a
@@ -55,14 +58,24 @@ from _report import line_chart, update_docs  # noqa: E402
 
 SECTIONS = ("speed", "methods", "context", "window", "topk", "cfg", "ablation")
 LLAMAGEN = {"llamagen": False, "llamagen-compiled": True}  # speed-section baseline -> compiled
+# Speed-section variants of a pjd method (e.g. pjd-compiled): generate() options (issue 20).
+VARIANTS = {"compiled": dict(compile=True), "fixed": dict(fixed_shapes=True)}
+
+
+def variant(name: str) -> tuple[str, dict]:
+    """"pjd-compiled" -> ("pjd", {"compile": True}); a plain method -> (method, {})."""
+    method, _, suffix = name.rpartition("-")
+    return (method, VARIANTS[suffix]) if method in METHODS and suffix in VARIANTS else (name, {})
 
 
 def method_spec(name: str) -> tuple[str, dict]:
-    """A speed-section method: ``pjd`` or ``pjd:window=3:context=2`` (generate() settings, ints)."""
-    method, *settings = name.split(":")
+    """A speed-section method: ``pjd``, a variant (``pjd-compiled``), then generate() settings after
+    colons (``pjd:window=3``, ``pjd-compiled:context=4``; ints)."""
+    base, *settings = name.split(":")
     if any("=" not in kv for kv in settings):
         raise ValueError(f"--speed-methods: expected method[:key=value...], got {name!r}")
-    return method, {k: int(v) for k, v in (kv.split("=", 1) for kv in settings)}
+    method, options = variant(base)
+    return method, {**options, **{k: int(v) for k, v in (kv.split("=", 1) for kv in settings)}}
 DOCS_DIR = Path(__file__).resolve().parent.parent / "docs" / "e2e"
 
 
@@ -98,9 +111,10 @@ class Bench:
         """pjd.generate on the bench's prompts, after a warm-up call of this configuration."""
         cfg = self.cfg_scale if cfg_scale is None else cfg_scale
         with torch.no_grad():
-            return self.warm.generate(self.model, self.prompt, height=self.height, width=self.width, method=method,
-                                      image_token_range=self.image_range, cfg_scale=cfg,
-                                      uncond_input_ids=self.null if cfg != 1 else None, seed=self.seed, **kw)
+            r = self.warm.generate(self.model, self.prompt, height=self.height, width=self.width, method=method,
+                                   image_token_range=self.image_range, cfg_scale=cfg,
+                                   uncond_input_ids=self.null if cfg != 1 else None, seed=self.seed, **kw)
+        return r
 
     def generate_spec(self, name: str):
         """``generate`` of a speed-section method name (method_spec: ``pjd:window=3``)."""
@@ -188,8 +202,8 @@ def speed_section(bench: "Bench", methods: list[str], repeats: int, hf_modes: li
     import statistics
 
     cells = {f"hf-{m}": (lambda m=m: bench.hf(m)[1]) for m in hf_modes}
-    cells.update({m: (lambda m=m: bench.llamagen(m)[1]) if m in LLAMAGEN else (lambda m=m: bench.generate_spec(m).wall_seconds)
-                  for m in methods})
+    cells.update({m: (lambda m=m: bench.llamagen(m)[1]) if m in LLAMAGEN else
+                  (lambda m=m: bench.generate_spec(m).wall_seconds) for m in methods})
     order = [m for m in methods if m == "ar"] + list(cells)[:len(hf_modes)] + [m for m in methods if m != "ar"]
     for name in order:  # untimed: a cell's first call runs its warm-up (bench.warm) before the call itself
         cells[name]()
@@ -218,9 +232,17 @@ def speed_section(bench: "Bench", methods: list[str], repeats: int, hf_modes: li
                 if "llamagen" in times:  # same seed, same draws: only the compiled logits' rounding may differ
                     extra["tokens_equal_to_eager"] = float((tokens == bench.llamagen("llamagen")[0]).double().mean())
         else:
-            r = bench.generate_spec(name)
+            method, options = method_spec(name)
+            r = bench.generate(method, **options)
             steps, steps_per_image = r.steps, float(r.steps_per_image.double().mean())
-            ops = ops_outside_forward(bench.model, lambda: bench.generate_spec(name))
+            # a compiled step is one dynamo frame: counting around it would change what runs
+            ops = None if r.compiled else ops_outside_forward(bench.model, lambda: bench.generate(method, **options))
+            if r.compiled:
+                # compiled by the warm-up call (the identical call), never timed
+                compile_s = [e["compile_seconds"] for e in bench.warm.log
+                             if e.get("method") == method and e.get("compile") and "compile_seconds" in e]
+                extra = dict(compile_s=compile_s[0] if compile_s else None, compiled=r.compiled,
+                             tokens_equal_to_eager=float((r.tokens == bench.generate(method).tokens).double().mean()))
         ar_steps = bench.height * bench.width  # image tokens; EOL-free grids only here (default / tiny)
         rows.append(dict(method=name, steps=steps, step_compression=ar_steps / steps,
                          per_image_compression=ar_steps / steps_per_image,
@@ -288,7 +310,8 @@ def main(argv=None) -> dict:
     p.add_argument("--table1-samples", type=int, default=2000, help="images per row (multiple of 10)")
     p.add_argument("--table1-batch", type=int, default=100, help="images decoded together")
     p.add_argument("--table1-methods", default="",
-                   help="comma list: only these rows, by method (pjd: every context) or method:context (default all)")
+                   help="comma list: only these rows, by name (ar, sjd, sjd+coupled, sjd+continuation, "
+                        "sjd+coupled+continuation, sjd++, zipar, pjd: every context) or name:context (default all)")
     p.add_argument("--table1-merge", default=None,
                    help="a previous table1.json: its rows that this run does not decode are kept (marked reused)")
     p.add_argument("--table1-minutes", type=float, default=None,
@@ -310,7 +333,8 @@ def main(argv=None) -> dict:
     except ValueError as e:
         p.error(str(e))
     if unknown:
-        p.error(f"--speed-methods: unknown {sorted(unknown)}; choose from {METHODS + tuple(LLAMAGEN)}")
+        p.error(f"--speed-methods: unknown {sorted(unknown)}; choose from {METHODS + tuple(LLAMAGEN)}, or a method "
+                f"followed by one of {['-' + v for v in VARIANTS]} (e.g. pjd-compiled)")
     if "speed" in sections and set(speed_methods) & set(LLAMAGEN):
         if args.model != "default":
             p.error("--speed-methods llamagen / llamagen-compiled: LlamaGen's sampler runs the default model only")
@@ -369,11 +393,13 @@ def main(argv=None) -> dict:
                                 "median_s_per_image", "min_s_per_image", "speedup_vs_hf", "speedup_vs_ar",
                                 *[f"speedup_vs_{m.replace('-', '_')}" for m in llamagen], "median_cpu_s_per_image",
                                 *[f"cpu_speedup_vs_{m.replace('-', '_')}" for m in llamagen], "ops_per_step",
-                                *(["compile_s"] if "llamagen-compiled" in llamagen else [])],
+                                *(["compile_s"] if "llamagen-compiled" in llamagen or
+                                  any(m.endswith("-compiled") for m in speed_methods) else [])],
                 f"Wall time per image beside hf{' and LlamaGen' if llamagen else ''} (batch {args.batch})")
         for r in rows:
             if "tokens_equal_to_eager" in r:
-                line = f"llamagen-compiled's tokens equal to eager llamagen's (same seed): {r['tokens_equal_to_eager']:.4f}\n"
+                eager = "llamagen" if r["method"] in LLAMAGEN else method_spec(r["method"])[0]
+                line = f"{r['method']}'s tokens equal to eager {eager}'s (same seed): {r['tokens_equal_to_eager']:.4f}\n"
                 print(line, flush=True)
                 text += line
     if "methods" in sections:

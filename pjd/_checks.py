@@ -18,6 +18,7 @@ from pjd.ops._checks import MIN_TEMPERATURE, finite
 from pjd.rng import check_seed
 
 REUSE_AUTO = "auto"  # reuse_threshold default: 0.5 for pjd and sjd++, no reuse elsewhere
+EXACT_DRAFT_METHODS = ("sjd", "pjd")  # methods taking coupled_draws / continuation (docs/decisions.md, issue 22)
 
 
 def integer(name: str, value, *, optional: bool = False) -> None:
@@ -32,7 +33,7 @@ def flag(name: str, value) -> None:
 
 def check_settings(*, method, height, width, window, context, top_k, top_p, temperature, cfg_scale,
                    image_token_range, eol_token_id, draft_init, reuse_threshold, generator, seed, progress,
-                   row_causal) -> None:
+                   row_causal, coupled_draws=False, continuation=False) -> None:
     """Kinds of every scalar setting, the temperature floor, and settings the method does not use."""
     for name, value in (("height", height), ("width", width), ("top_k", top_k)):
         integer(name, value)
@@ -52,6 +53,8 @@ def check_settings(*, method, height, width, window, context, top_k, top_p, temp
             integer("image_token_range", bound)
     flag("progress", progress)
     flag("row_causal", row_causal)
+    flag("coupled_draws", coupled_draws)
+    flag("continuation", continuation)
     if generator is not None:  # deprecated (generate warns): a seed is drawn from it
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a CPU torch.Generator or None, got {type(generator).__name__}")
@@ -68,6 +71,14 @@ def check_settings(*, method, height, width, window, context, top_k, top_p, temp
                              f"{method!r} (leave it at {REUSE_AUTO!r})")
     if draft_init != "random" and method in ("ar", "zipar"):
         raise ValueError(f"draft_init={draft_init!r} does not apply to method={method!r}, which feeds no drafts")
+    for name, on in (("coupled_draws", coupled_draws), ("continuation", continuation)):
+        if on and method not in EXACT_DRAFT_METHODS:
+            raise ValueError(f"{name}=True applies to the methods {EXACT_DRAFT_METHODS} (exact drafts, no reuse), not "
+                             f"{method!r}" + (": sjd++'s draft reuse is not exact; use method='sjd'"
+                                              if method == "sjd++" else ""))
+        if on and method == "pjd" and reuse_threshold is not None and reuse_threshold != REUSE_AUTO:
+            raise ValueError(f"{name}=True replaces pjd's draft reuse (reuse_threshold becomes None), got "
+                             f"reuse_threshold={reuse_threshold!r}")
     if not row_causal and method != "pjd":
         raise ValueError(f"row_causal=False (the row-causal mask ablation) applies to method='pjd' only, "
                          f"not {method!r}")
@@ -131,7 +142,18 @@ def check_prompts(adapter, input_ids, attention_mask, uncond_input_ids, uncond_a
 
 def check_positions(adapter, prompt_len: int, height: int, width: int, eol_token_id) -> None:
     """The grid fits the model's positions (and int32 raster positions), before anything is sized by it
-    (make_plan builds per-row tuples). Non-positive sizes are left to make_plan's message."""
+    (make_plan builds per-row tuples). Non-positive sizes are left to make_plan's message.
+
+    A model built for one token grid (``adapter.grid``: LlamaGen's 2-D RoPE table is laid out by the
+    rows of its ``grid_size`` x ``grid_size`` grid) takes exactly its width: another width would give
+    tokens the wrong 2-D positions. Fewer rows are the top rows of an image."""
+    grid = getattr(adapter, "grid", None)
+    if grid is not None and height >= 1 and width >= 1:
+        rows, cols = grid
+        if width != cols or height > rows:
+            raise ValueError(f"a {height}x{width} grid on a model built for {rows}x{cols} token grids: width must "
+                             f"be {cols} (its 2-D positions are laid out by rows) and height at most {rows} "
+                             "(fewer rows decode the top of an image)")
     total = prompt_len + height * (width + (eol_token_id is not None))
     limit = adapter.max_positions
     if limit is not None and total > limit:
@@ -140,3 +162,23 @@ def check_positions(adapter, prompt_len: int, height: int, width: int, eol_token
     if total >= HIDDEN_POS:
         raise ValueError(f"a {height}x{width} grid after a {prompt_len}-token prompt needs {total} positions; "
                          f"pjd indexes positions with int32 (< {HIDDEN_POS})")
+
+
+def check_device(device, name: str = "device") -> torch.device:
+    """``device`` as a torch.device that exists here: a clear error instead of torch's assertion when,
+    e.g., "cuda" is asked of a torch without CUDA or a machine without a GPU."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name} must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}") from None
+    if dev.type == "cpu" or dev.type == "meta":
+        return dev
+    backend = getattr(torch, dev.type, None)
+    available = backend is not None and hasattr(backend, "is_available") and backend.is_available()
+    if not available:
+        build = "" if dev.type != "cuda" or torch.version.cuda else " (this torch build has no CUDA)"
+        raise ValueError(f"{name}={str(device)!r}: no {dev.type} device is available here{build}; use 'cpu'")
+    count = backend.device_count() if hasattr(backend, "device_count") else None
+    if dev.index is not None and count is not None and dev.index >= count:
+        raise ValueError(f"{name}={str(device)!r}: only {count} {dev.type} device(s) here")
+    return dev

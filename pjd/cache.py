@@ -11,6 +11,11 @@ g >= 0 draft of lane g), which is exactly what ``pjd.ops.draft_attention`` reads
 - AppendCache: K/V of each step's inputs are appended at the tail (Hugging Face DynamicCache
   style); after verification rejected entries are removed and kept ones moved together with
   ``pjd.ops.compact_kv`` (all layers in one call).
+
+Fixed shapes (the host-read-free step, ``pjd.engine``): ``StepInputs.kv_len`` is the whole cache
+(``SlotCache.size``; the metadata hides the slots nothing wrote), and the append layout takes a
+``staging`` width: every step writes its entries to the last ``staging`` columns and compacts the
+kept ones down to each row's length, so no step reads the new tail back.
 """
 from __future__ import annotations
 
@@ -18,6 +23,8 @@ import contextvars
 from dataclasses import dataclass
 
 import torch
+
+from pjd.ops.draft_attention import draft_attention_step, sdpa_mask
 
 HIDDEN_POS = torch.iinfo(torch.int32).max
 
@@ -37,7 +44,7 @@ class StepInputs:
 class SlotCache:
     def __init__(self, batch: int, num_positions: int, num_lanes: int, device: torch.device):
         self.num_scratch = num_lanes + 1
-        size = self.num_scratch + num_positions
+        self.size = size = self.num_scratch + num_positions
         self.pos = torch.full((batch, size), HIDDEN_POS, dtype=torch.int32, device=device)
         self.pos[:, self.num_scratch:] = torch.arange(num_positions, dtype=torch.int32, device=device)
         self.group = torch.full((batch, size), -2, dtype=torch.int32, device=device)
@@ -70,14 +77,21 @@ class SlotCache:
 
 
 class AppendCache:
-    def __init__(self, batch: int, capacity: int, device: torch.device):
+    """``staging``: None appends each step after the longest row (its end read back on the host after
+    the compaction); an int N writes every step's (at most N) entries to the last N columns instead,
+    a fixed place, and reads nothing back."""
+
+    def __init__(self, batch: int, capacity: int, device: torch.device, staging: int | None = None):
+        self.size = capacity
         self.pos = torch.full((batch, capacity), HIDDEN_POS, dtype=torch.int32, device=device)
         self.group = torch.full((batch, capacity), -2, dtype=torch.int32, device=device)
         self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)
-        self.tail = 0  # host copy of lengths.max(): where this step's entries are appended
+        self.staging = staging
+        self.tail = 0  # where this step's entries go: the prefill's at 0, then see ``staging``
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
         self._n = 0
+        self._past_end = torch.arange(capacity, device=device)
 
     def begin(self, step: StepInputs) -> None:
         self._n = n = step.q_pos.shape[1]
@@ -89,9 +103,9 @@ class AppendCache:
             shape = (k.shape[0], k.shape[1], self.pos.shape[1], k.shape[3])
             self.k[layer] = k.new_zeros(shape)
             self.v[layer] = v.new_zeros(shape)
-        end = self.tail + self._n
-        self.k[layer][:, :, self.tail:end] = k
-        self.v[layer][:, :, self.tail:end] = v
+        end = self.tail + self._n if self.staging is None else self.size
+        self.k[layer][:, :, self.tail:self.tail + self._n] = k
+        self.v[layer][:, :, self.tail:self.tail + self._n] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end], self.pos[:, :end], self.group[:, :end]
 
     def end(self, keep: torch.Tensor) -> None:
@@ -100,39 +114,52 @@ class AppendCache:
         end = self.tail + self._n
         self.group[:, self.tail:end] = torch.where(keep, -1, -2).to(torch.int32)
         caches = [t for layer in sorted(self.k) for t in (self.k[layer], self.v[layer])]
-        self.lengths = compact_kv(caches, keep, self.tail, self.lengths, meta=[self.pos, self.group])
+        lengths = compact_kv(caches, keep, self.tail, self.lengths, meta=[self.pos, self.group], validate=False)
+        self.lengths.copy_(lengths)
         # Whatever lies past a sample's new length is stale: hide it.
-        past_end = torch.arange(self.pos.shape[1], device=keep.device) >= self.lengths[:, None]
-        self.group.masked_fill_(past_end, -2)
-        self.tail = int(self.lengths.max())
+        self.group.masked_fill_(self._past_end >= self.lengths[:, None], -2)
+        self.tail = int(self.lengths.max()) if self.staging is None else self.size - self.staging
 
 
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("pjd_active_step", default=None)
 
 
 class ActiveStep:
-    """What the "pjd" attention hook needs during a decoding forward: the cache and the queries."""
+    """What the "pjd" attention hook needs during a decoding forward: the cache, the queries' metadata
+    and the resolved backend. Everything per step is done once, at the first layer: the metadata is
+    the engine's own (no argument checks), and the mask of the sdpa and torch backends is built then
+    and reused by the other layers (they all see the same keys' metadata)."""
 
     def __init__(self, cache, step: StepInputs, backend: str):
         self.cache, self.step, self.backend = cache, step, backend
-        self._sdpa_mask = None
+        self._mask = None
 
-    def sdpa_mask(self, k_pos: torch.Tensor, k_group: torch.Tensor):
-        """pjd.ops.draft_attention.sdpa_mask of this step, built at the first layer and reused by the
-        others (they all see the same keys' metadata)."""
-        if self._sdpa_mask is None:
-            from pjd.ops.draft_attention import sdpa_mask
-
-            self._sdpa_mask = sdpa_mask(self.step.q_pos, self.step.q_group, k_pos, k_group)
-        return self._sdpa_mask
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pos: torch.Tensor, k_group: torch.Tensor,
+               scale: float) -> torch.Tensor:
+        """Row-causal attention of this step's queries over the cache's keys (``[B, Hq, Nq, D]``)."""
+        step = self.step
+        if self._mask is None and self.backend != "triton":
+            self._mask = sdpa_mask(step.q_pos, step.q_group, k_pos, k_group)
+        return draft_attention_step(q, k, v, step.q_pos, step.q_group, k_pos, k_group, scale, self.backend, self._mask)
 
     def __enter__(self):
-        self._token = _ACTIVE.set(self)
+        global _TRACED
+        if torch.compiler.is_compiling():  # dynamo traces no ContextVar: a plain global, within one trace
+            self._token, _TRACED = _TRACED, self
+        else:
+            self._token = _ACTIVE.set(self)
         return self
 
     def __exit__(self, *exc):
-        _ACTIVE.reset(self._token)
+        global _TRACED
+        if torch.compiler.is_compiling():
+            _TRACED = self._token
+        else:
+            _ACTIVE.reset(self._token)
+
+
+_TRACED: ActiveStep | None = None  # the step being traced by torch.compile (pjd.compiler)
 
 
 def active_step() -> ActiveStep | None:
-    return _ACTIVE.get()
+    return _TRACED if torch.compiler.is_compiling() else _ACTIVE.get()

@@ -113,6 +113,11 @@ def print_table(rows: list[dict], device: str) -> None:
             v = r.get(c)
             cells.append(f"{v:>11.3f}" if isinstance(v, float) else f"{'-' if v is None else v:>11}")
         print(" | ".join(cells))
+    print("steps: forward passes of the batch; compression: grid tokens / steps; per image: grid tokens / the "
+          "mean steps each image needed (the paper's figure); vs ar / vs hf: wall-time speed-up over pjd's ar / "
+          "transformers' model.generate; class acc: the shipped classifier agrees with the requested class; "
+          f"FID: '-' below {FID_MIN_IMAGES} images (--batch {FID_MIN_IMAGES}), where its small-sample bias "
+          "swamps differences")
 
 
 def device_name(device: torch.device) -> str:

@@ -8,20 +8,28 @@
         result = verify(logits)      pjd.ops.speculative_verify: accept, resample, next drafts
         commit(result)               tokens, cache states, lane frontiers
 
-State lives on the model's device; each step synchronises with the host once (the packed input
-width N and the cache length are shapes). Randomness is counter-based per image (pjd.rng): image i's
+State lives on the model's device. Two step shapes (DESIGN.md §1.3):
+- dynamic (the CPU eager default): the packed input width N and the cache length follow the step;
+  each step reads them back, one host read per step;
+- fixed (CUDA, and any compiled step): N is a bucket chosen up front (``DecodePlan.max_fed_lanes``
+  lanes of window + 1 inputs), attention runs over the whole preallocated cache with the
+  metadata hiding what is not there, every buffer is preallocated and updated in place, and the
+  step number of the draws is a device tensor: a step reads nothing back. Completion, undefined
+  targets and the progress bar are read together every few steps (``_Watch``).
+Randomness is counter-based per image (pjd.rng): image i's
 draws are a function of (seed, image_index[i], step, lane, slot) computed with int64 tensor ops on
 the device, so an image's tokens do not depend on its batch, the device, backend or cache layout.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 
-from pjd import _checks
+from pjd import _checks, compiler
 from pjd.cache import HIDDEN_POS, ActiveStep, AppendCache, SlotCache, StepInputs
 from pjd.models.base import adapter_for
 from pjd.ops._backend import resolve_backend, triton_unsupported
@@ -31,21 +39,43 @@ from pjd.rng import DrawStream
 from pjd.sampling import sample_inverse_cdf, target_probs
 
 BIG = 1 << 30
+CHECK_EVERY = 10  # fixed-shape loop: steps between host reads while completion is not yet possible
 
 
-@dataclass
+@dataclass(repr=False)
 class GenerationResult:
+    """What ``pjd.generate`` returns.
+
+    ``tokens``: int64 ``[B, height, width]`` image tokens (ids in ``image_token_range``; EOL tokens
+    excluded), for ``pjd.models.decode_images``. ``steps``: forward passes after the prefill (the
+    batch's; ``height * width`` for ``ar``); ``steps_per_image``: the step at which each image was
+    complete (step compression of image b = ``height * width / steps_per_image[b]``). ``accepted``:
+    per step, the image tokens committed per image ``[B]``. ``wall_seconds`` (prefill included) and
+    ``forward_seconds`` (inside the model's forward passes) time this call, first-call costs included:
+    time a second call (pjd.timing.WarmUp) for figures. ``method``: the method that produced it.
+    ``compile_seconds``: compiling / capturing the step in this call (``generate(compile=...)``; 0 when
+    already compiled in this process), never counted in ``wall_seconds``; ``compiled``: "inductor",
+    "cuda-graph" or "" (eager). With a compiled step ``forward_seconds`` times whole steps.
+    """
+
     tokens: torch.Tensor            # int64 [B, height, width] image tokens (EOL excluded)
     steps: int                      # forward passes after the prefill
     accepted: list[torch.Tensor] = field(default_factory=list)  # per step: image tokens committed per image [B]
     steps_per_image: torch.Tensor | None = None  # int64 [B]: step at which each image was complete
-    wall_seconds: float = 0.0       # whole call, prefill included
-    forward_seconds: float = 0.0    # time inside the model forward passes
+    wall_seconds: float = 0.0       # whole call, prefill included (compile_seconds excluded)
+    forward_seconds: float = 0.0    # time inside the model forward passes (compiled: whole steps)
     method: str = ""
+    compile_seconds: float = 0.0    # compiling / capturing the step in this call (0 when cached)
+    compiled: str = ""              # "inductor", "cuda-graph" or "" (eager); see generate(compile=)
 
     @property
     def tokens_per_step(self) -> float:
         return self.tokens[0].numel() / max(self.steps, 1)
+
+    def __repr__(self) -> str:  # a summary: the tensors and the per-step list run to hundreds of lines
+        b, h, w = self.tokens.shape
+        return (f"GenerationResult(method={self.method!r}, tokens=[{b}, {h}, {w}], steps={self.steps}, "
+                f"tokens_per_step={self.tokens_per_step:.2f}, wall_seconds={self.wall_seconds:.3f})")
 
 
 @dataclass
@@ -76,7 +106,8 @@ def generate(model, input_ids, *, height, width, method="pjd", window=None, cont
              top_p=1.0, temperature=1.0, cfg_scale=1.0, uncond_input_ids=None, attention_mask=None,
              uncond_attention_mask=None, image_token_range=None, eol_token_id=None, draft_init="random",
              reuse_threshold="auto", cache="slot", backend="auto", generator=None, seed=None, progress=False,
-             row_causal=True, row0_first="auto", row_lead="row_end", image_index=None) -> GenerationResult:
+             row_causal=True, row0_first="auto", row_lead="row_end", image_index=None, coupled_draws=False,
+             continuation=False, compile=False, fixed_shapes=None) -> GenerationResult:
     """Generate a height x width grid of image tokens per prompt.
 
     Args:
@@ -99,7 +130,10 @@ def generate(model, input_ids, *, height, width, method="pjd", window=None, cont
         eol_token_id: forced end-of-line token after every row (row_slots = width + 1).
         draft_init: "random" | "repeat_left" (methods with drafts). reuse_threshold: pjd / sjd++
             draft reuse ("auto": 0.5; None: off); other methods take only "auto" or None.
-        cache: "slot" | "append". backend: "auto" | "torch" | "triton" (attention and verification).
+        cache: "slot" | "append" (the KV-cache layout: same tokens in fp32; see docs/design.md for
+            half precision). backend: attention and verification: "auto" (the Triton kernels on CUDA,
+            "sdpa" on a CPU or where the kernels cannot serve the model), "torch" (the pure-torch
+            reference), "sdpa" (torch SDPA over the cache in place), "triton".
         seed: non-negative int below 2**64 (default 0). Image b draws its random numbers from its own
             stream keyed by ``(seed, image_index[b])`` (pjd.rng), so its tokens are the same whatever
             batch, batch position, rank or device decodes it.
@@ -107,6 +141,25 @@ def generate(model, input_ids, *, height, width, method="pjd", window=None, cont
             ``arange(B)``); pass the indices of the images a batch holds when splitting a run.
         generator: deprecated (DeprecationWarning); a seed is drawn from this CPU torch.Generator.
         row_causal: False lets drafts see other rows' drafts (the paper's ablation; pjd only).
+        coupled_draws: SCD's coupled draws (sjd, pjd): a fresh draft of image slot s is the
+            exponential race on noise keyed by (seed, image, s), the same at every step, so a slot
+            redrawn from a similar distribution repeats its draft. Exact (docs/design.md §1.4).
+        continuation: SJD-PAC's adaptive continuation (sjd, pjd): drafts after the first rejection
+            keep being verified against this step's (stale) targets; a passing draft stays, a
+            failing one is replaced by a residual sample. Commits are unchanged. Exact.
+            Both replace pjd's draft reuse (its reuse_threshold becomes None).
+        fixed_shapes: the step's shapes fixed for the whole decode (inputs padded to a bucket,
+            attention over the whole preallocated cache) and nothing read back from the device but
+            a few flags every few steps; False: each step packs exactly its inputs and reads its
+            shapes back. None (default): fixed on CUDA and whenever the step is compiled, dynamic
+            on a CPU eager (faster there: no padding to compute; docs/performance.md). Same tokens.
+        compile: False (default, eager) | True | "auto": the step (schedule, pack, forward,
+            verification, commit) compiled whole with fixed shapes: on CUDA captured once as a CUDA
+            graph and replayed, on a CPU through torch.compile (inductor). Paid once per model and
+            shape (cached across calls; ``GenerationResult.compile_seconds``, apart from the wall
+            time); tokens equal eager's. True raises where it cannot run; "auto" compiles on CUDA and,
+            on a CPU, ar / sjd / sjd++ (pjd and zipar measured slower there once padded to a fixed
+            shape: docs/performance.md), and runs eager elsewhere with a one-time warning saying why.
 
     Every argument is checked before any decoding work (TypeError / ValueError naming it); the call
     runs under ``torch.no_grad()``. A model emitting NaN / +inf logits, or -inf for every image
@@ -117,7 +170,7 @@ def generate(model, input_ids, *, height, width, method="pjd", window=None, cont
                            top_p=top_p, temperature=temperature, cfg_scale=cfg_scale,
                            image_token_range=image_token_range, eol_token_id=eol_token_id, draft_init=draft_init,
                            reuse_threshold=reuse_threshold, generator=generator, seed=seed, progress=progress,
-                           row_causal=row_causal)
+                           row_causal=row_causal, coupled_draws=coupled_draws, continuation=continuation)
     prompt_len = _checks.check_prompts(adapter, input_ids, attention_mask, uncond_input_ids, uncond_attention_mask,
                                        cfg_scale)
     _checks.check_positions(adapter, prompt_len, height, width, eol_token_id)
@@ -125,10 +178,18 @@ def generate(model, input_ids, *, height, width, method="pjd", window=None, cont
                      top_k=top_k, top_p=top_p, temperature=temperature, cfg_scale=cfg_scale,
                      image_token_range=image_token_range, eol_token_id=eol_token_id, draft_init=draft_init,
                      reuse_threshold=reuse_threshold, cache=cache, vocab_size=adapter.vocab_size,
-                     row_causal=row_causal, row0_first=row0_first, row_lead=row_lead)
+                     row_causal=row_causal, row0_first=row0_first, row_lead=row_lead, coupled_draws=coupled_draws,
+                     continuation=continuation)
     # Fail before any work if the backend cannot run here; auto leaves the kernels for shapes they cannot serve.
     backend = resolve_backend(backend, adapter.device, lambda: triton_unsupported(
         ("draft_attention", adapter.head_dim, adapter.dtype), ("speculative_verify", plan.window, adapter.dtype)))
+    compiled = compiler.mode(compile, adapter, backend, plan)
+    if fixed_shapes is None:
+        fixed_shapes = adapter.device.type == "cuda" or bool(compiled)
+    elif not isinstance(fixed_shapes, bool):
+        raise TypeError(f"fixed_shapes must be True, False or None, got {fixed_shapes!r}")
+    elif compiled and not fixed_shapes:
+        raise ValueError("compile needs fixed shapes: pass fixed_shapes=None or True with compile")
     image_index = _image_index(image_index, input_ids.shape[0], adapter.device)
     if generator is not None:
         warnings.warn("generate(generator=...) is deprecated: pass seed= (per-image streams, pjd.rng)",
@@ -138,8 +199,8 @@ def generate(model, input_ids, *, height, width, method="pjd", window=None, cont
     with torch.no_grad():  # as transformers' generate: no autograd graph of the whole decode
         decoder = _Decoder(adapter, plan, input_ids, attention_mask, uncond_input_ids, uncond_attention_mask,
                            cfg_scale, dict(top_k=top_k, top_p=float(top_p), temperature=float(temperature)),
-                           draft_init, cache, backend, seed, image_index)
-        return decoder.run(progress)
+                           draft_init, cache, backend, seed, image_index, fixed_shapes)
+        return decoder.run(progress, compiled)
 
 
 def _image_index(image_index, B: int, device) -> torch.Tensor:
@@ -157,10 +218,14 @@ def _image_index(image_index, B: int, device) -> torch.Tensor:
 
 
 class _Decoder:
+    """The decode's state, preallocated on the model's device, and the step over it (``step``)."""
+
     def __init__(self, adapter, plan: DecodePlan, input_ids, attention_mask, uncond_input_ids,
-                 uncond_attention_mask, cfg_scale, sampling, draft_init, cache, backend, seed, image_index):
+                 uncond_attention_mask, cfg_scale, sampling, draft_init, cache, backend, seed, image_index,
+                 fixed_shapes=False):
         self.adapter, self.plan, self.backend = adapter, plan, backend
         self.sampling, self.draft_init, self.cfg_scale = sampling, draft_init, float(cfg_scale)
+        self.fixed = fixed_shapes
         device = self.device = adapter.device
         prompt, mask = self._prompts(input_ids, attention_mask, uncond_input_ids, uncond_attention_mask)
         self.B = input_ids.shape[0]
@@ -168,6 +233,8 @@ class _Decoder:
         total = self.P + plan.image_slots
         L, W = plan.num_lanes, max(plan.window, 1)  # ar/zipar store one (never fed) draft per lane
         self.L, self.W = L, W
+        # Fixed shapes: every step packs this many inputs (padding sees nothing and writes nowhere).
+        self.N = plan.max_fed_lanes * (plan.window + 1)
         # Raster buffers: prompt then image slots. Image slots are shared by cond/uncond rows.
         self.dump = total  # a last column that absorbs writes that do not apply
         self.tokens = torch.zeros(self.Bx, total + 1, dtype=torch.long, device=device)
@@ -189,11 +256,17 @@ class _Decoder:
         if cache == "slot":
             self.cache = SlotCache(self.Bx, total, L, device)
         else:
-            self.cache = AppendCache(self.Bx, total + L * (W + 1), device)
+            self.cache = AppendCache(self.Bx, total + L * (W + 1), device, staging=self.N if self.fixed else None)
         self.lane_id = torch.arange(L, device=device)
-        self.step = 0  # decoding steps verified
-        # Per image, the first step whose target was undefined (-1: none); read at host syncs.
+        self.t = torch.zeros((), dtype=torch.long, device=device)  # decoding steps run (draws of step t)
+        # Every step commits a token in each unfinished image's top lane, and a lane is flushed once.
+        self.max_steps = plan.image_slots + L
+        self.accepted_log = torch.zeros(self.max_steps + 1, self.B, dtype=torch.long, device=device)  # [step, image]
+        self.finished_at = torch.full((self.B,), -1, dtype=torch.long, device=device)  # step each image completed
+        # Per image, the first step whose target was undefined (-1: none); read at host reads.
         self.bad_step = torch.full((self.B,), -1, dtype=torch.long, device=device)
+        self.overflow = torch.zeros((), dtype=torch.bool, device=device)  # a step fed more lanes than its bucket
+        self.clock = _Clock(device)
 
     def _prompts(self, input_ids, attention_mask, uncond_input_ids, uncond_attention_mask):
         """(ids, mask) of every batch row: cond, then uncond with CFG (checked by pjd._checks)."""
@@ -216,45 +289,86 @@ class _Decoder:
         return torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
 
     # ------------------------------------------------------------------ the loop
-    def run(self, progress: bool) -> GenerationResult:
+    def run(self, progress: bool, compiled: str = "") -> GenerationResult:
         t0 = time.perf_counter()
-        result = GenerationResult(tokens=None, steps=0, method=self.plan.method)
-        finished_at = torch.full((self.B,), -1, dtype=torch.long, device=self.device)
+        result = GenerationResult(tokens=None, steps=0, method=self.plan.method, compiled=compiled)
         bar = _progress(progress, self.B * self.plan.height * self.plan.width, self.plan.method)
         with self.adapter.decoding():
-            self.prefill(result)
-            host_known = self.backend == "sdpa" and self.plan.method == "ar" and isinstance(self.cache, SlotCache)
-            if host_known:
-                finished_at = self.run_ar(result, bar)
-            while not host_known:
-                lanes = self.schedule()
-                step = self.pack(lanes)
-                if step is None:
-                    break
-                logits = self.forward(step, result)
-                verdict = self.verify(logits, lanes, step, self.draws.step(result.steps + 1))
-                accepted = self.commit(verdict, step)
-                result.steps += 1
-                result.accepted.append(accepted)
-                done = self.n.ge(self.lane_len).all(1)
-                finished_at = torch.where(done & (finished_at < 0), result.steps, finished_at)
-                if progress:
-                    bar.update(int(accepted.sum()))
+            self.prefill()
+            if self.fixed:
+                step = self.step
+                if compiled:
+                    self.step()  # eager: allocates the cache's K/V (first layer call) before compiling
+                    step, result.compile_seconds = compiler.compiled_step(self, compiled)
+                self.run_fixed(step, bar)
+            elif self.backend == "sdpa" and self.plan.method == "ar" and isinstance(self.cache, SlotCache):
+                self.run_ar(result, bar)
+            else:
+                while self.step():
+                    if progress:
+                        bar.update(int(self.accepted_log[int(self.t)].sum()))
         bar.close()
         self._check_targets(*self._first_undefined().tolist())
         plan = self.plan
         image = self.tokens[:self.B, self.P:self.dump].view(self.B, plan.height, plan.row_slots)[:, :, :plan.width]
         result.tokens = image.clone()
-        result.steps_per_image = finished_at
-        result.wall_seconds = time.perf_counter() - t0
+        result.steps_per_image = self.finished_at
+        result.steps = int(self.finished_at.max())
+        if not result.accepted:
+            result.accepted = list(self.accepted_log[1:result.steps + 1].unbind(0))
+        result.forward_seconds = self.clock.seconds()
+        result.wall_seconds = time.perf_counter() - t0 - result.compile_seconds
         return result
 
-    def run_ar(self, result, bar) -> torch.Tensor:
+    def run_fixed(self, step, bar) -> None:
+        """Steps until every image is complete, reading the device only through ``_Watch``: every
+        CHECK_EVERY steps while ``status()``'s lower bound says completion cannot come sooner, then as
+        that bound allows (so never a step too late but the lag's one on CUDA). A step after completion
+        feeds nothing and changes nothing."""
+        plan = self.plan
+        fewest = -(-min(plan.lane_len) // (plan.window + 1)) + plan.num_lanes - 1  # status()'s bound at step 0
+        self.watch = watch = _Watch(self.device)
+        t, due, pushed = 0, max(1, min(fewest, CHECK_EVERY)), None
+        while True:
+            step()
+            t += 1
+            if t > self.max_steps:
+                raise RuntimeError(f"pjd internal error: the decode did not complete in {self.max_steps} steps")
+            if pushed is None and t >= due:
+                watch.push(self.status(), t)
+                pushed = t
+            # On CUDA the flags of step t are waited for after step t + 1 was queued: the GPU never idles.
+            if pushed is not None and (not watch.lag or pushed < t):
+                done, bad_image, bad_step, overflow, committed, left = watch.wait()
+                self._check_targets(bad_image, bad_step)
+                if overflow:
+                    raise RuntimeError(f"pjd internal error: a step fed more than the {plan.max_fed_lanes} "
+                                       "lanes of the fixed-shape bucket (DecodePlan.max_fed_lanes)")
+                bar.update(committed - bar.n)
+                if done:
+                    return
+                due, pushed = pushed + min(max(left, 1), CHECK_EVERY), None
+
+    def status(self) -> torch.Tensor:
+        """int64 [6], what ``run_fixed`` reads: (all images complete, first image with an undefined target
+        and its step (-1, -1: none), bucket overflow, image tokens committed, a lower bound on the steps
+        still needed). The bound: lane l commits at most window + 1 tokens a step, and row lanes complete
+        one at a time in order (a lower row stays behind the one above), so the last lane completes at
+        least ``ceil(left_l / (window + 1)) + open lanes below l`` steps from now, for every open lane l."""
+        left = (self.lane_len - self.n).clamp(min=0)
+        open_ = left > 0
+        per_step = self.plan.window + 1
+        steps = (left + per_step - 1) // per_step + open_.flip(1).cumsum(1).flip(1) - open_.long()
+        return torch.cat([torch.stack([(~open_).all().long(), *self._first_undefined()]),
+                          torch.stack([self.overflow.long(), self.accepted_log.sum(), steps.max()])])
+
+    def run_ar(self, result, bar) -> None:
         """method="ar" on the sdpa path: step t feeds raster position P - 1 + t, writes its key there as
         committed and samples image slot t, all known on the host. So a step packs nothing, runs no
         verification (there are no drafts: it is the top lane's bonus sample of speculative_verify
         with m = 0, from the same draws) and never synchronises; its inputs live in preallocated
-        buffers updated in place. Returns the step at which each image finished (all: the last)."""
+        buffers updated in place. Its kv_len grows by one per step: the fixed-shape loop (CUDA, compiled)
+        runs ar through the general step instead, with the same tokens."""
         plan, B, Bx, P, device = self.plan, self.B, self.Bx, self.P, self.device
         off = self.cache_offset()
         pos = torch.empty(Bx, 1, dtype=torch.int32, device=device)
@@ -273,8 +387,9 @@ class _Decoder:
             pos.fill_(raster)
             slot.fill_(off + raster)
             inputs.kv_len = off + raster + 1
-            logits = self.forward(Packed(inputs, self.tokens[:, raster:raster + 1], self.rope[:, raster:raster + 1]),
-                                  result)
+            with self.clock():
+                logits = self.forward(Packed(inputs, self.tokens[:, raster:raster + 1],
+                                             self.rope[:, raster:raster + 1]))
             # No cache.end(): begin() already wrote the key as committed, and it stays so.
             forced = plan.eol_token_id is not None and t % plan.row_slots == plan.width
             if forced:
@@ -286,14 +401,13 @@ class _Decoder:
                 # p is NaN exactly where the target is undefined (pjd.sampling.undefined_rows).
                 undefined[t] = torch.isnan(p).any((1, 2))
                 tokens[:, :, raster + 1:raster + 2] = sample_inverse_cdf(p, u) + plan.lo
-            result.steps += 1
             result.accepted.append(counts[forced])
             bar.update(0 if forced else B)
         self.n.fill_(plan.lane_len[0])
         self.bad_step = torch.where(undefined.any(0), undefined.int().argmax(0) + 1, -1)
-        return torch.full((B,), result.steps, dtype=torch.long, device=device)
+        self.finished_at.fill_(plan.lane_len[0])
 
-    def prefill(self, result):
+    def prefill(self):
         """Every prompt token but the last (which is re-fed by the first step) writes its KV."""
         n = self.P - 1
         if n == 0:
@@ -308,7 +422,8 @@ class _Decoder:
             slot=(self.cache_offset() + pos).long(),
             kv_len=self.cache_offset() + n,
         )
-        self.forward(Packed(inputs, self.tokens[:, :n], self.rope[:, :n]), result, logits=False)
+        with self.clock():
+            self.forward(Packed(inputs, self.tokens[:, :n], self.rope[:, :n]), logits=False)
         self.cache.end(real)
         self.kv_ready[:, :n] = real[:self.B]
 
@@ -354,14 +469,20 @@ class _Decoder:
         valid = lanes.fed[..., None] & (k <= lanes.drafts[..., None])          # [B, L, W+1]
         image_slot = (self.lane_base + self.n - 1)[..., None] + k              # -1: the last prompt token
         raster = P + image_slot
-        # The step's one host synchronisation: shapes (inputs, cache length, lanes fed) and whether
-        # a previous step's target was undefined (checked here rather than by a sync of its own).
-        N, max_raster, fed_lanes, bad_image, bad_step = torch.cat([torch.stack([
-            count.sum(1).max(), torch.where(valid, raster, 0).max(), lanes.fed.sum(1).max()]),
-            self._first_undefined()]).tolist()
-        self._check_targets(bad_image, bad_step)
-        if N == 0:
-            return None
+        off = self.cache_offset()
+        if self.fixed:  # the bucket: no host read (an overflow is read with the flags, run_fixed)
+            N, kv_len, fed_lanes = self.N, self.cache.size, self.plan.max_fed_lanes
+            self.overflow |= lanes.fed.sum(1).max() > fed_lanes
+        else:
+            # The step's one host synchronisation: shapes (inputs, cache length, lanes fed) and whether
+            # a previous step's target was undefined (checked here rather than by a sync of its own).
+            N, max_raster, fed_lanes, bad_image, bad_step = torch.cat([torch.stack([
+                count.sum(1).max(), torch.where(valid, raster, 0).max(), lanes.fed.sum(1).max()]),
+                self._first_undefined()]).tolist()
+            self._check_targets(bad_image, bad_step)
+            if N == 0:
+                return None
+            kv_len = off + max_raster + 1
 
         # Tokens: the lane's last committed token (or leading token), then its drafts (EOL where forced).
         tokens = torch.cat([self.tokens[:B].gather(1, raster[..., 0])[..., None], self.draft_tokens], -1)
@@ -374,7 +495,7 @@ class _Decoder:
             # Taken once, at the row's first step, then fixed: a leading token that moved with the
             # row above would move the first draft's target every step (DESIGN.md §1.1).
             take = scaffold & (self.scaffold_token < 0)
-            self.scaffold_token = torch.where(take, self._lead_token(), self.scaffold_token)
+            self.scaffold_token.copy_(torch.where(take, self._lead_token(), self.scaffold_token))
             tokens[..., 0] = torch.where(scaffold, self.scaffold_token, tokens[..., 0])
             scaffold = scaffold[..., None] & lead
         else:
@@ -392,7 +513,6 @@ class _Decoder:
         draft_group = lane if plan.row_causal else torch.full_like(lane, -1)
         key_group = torch.where(lead, torch.where(writes_committed, -1, -2), draft_group)
         key_group = torch.where(scaffold, lane, key_group)
-        off = self.cache_offset()
         slot = torch.where(writes_committed | ~lead, off + raster, L)  # L: the discard slot
         slot = torch.where(scaffold, lane, slot)
 
@@ -410,7 +530,7 @@ class _Decoder:
             key_pos=self._rows(torch.where(q_pos >= 0, q_pos, HIDDEN_POS)).int(),
             key_group=self._rows(packed(key_group, -2)).int(),
             slot=self._rows(packed(slot, L)).long(),
-            kv_len=off + max_raster + 1,
+            kv_len=kv_len,
         )
         raster_rows = self._rows(packed(raster, 0))
         # The first leading token is the last prompt token, which differs between cond/uncond rows.
@@ -445,22 +565,35 @@ class _Decoder:
         n_source = self.n.gather(1, source)
         return self.tokens[:self.B].gather(1, self.P + self.lane_base[source] + (n_source - 1).clamp(min=0))
 
-    def forward(self, step: Packed, result, logits: bool = True) -> torch.Tensor | None:
-        t0 = time.perf_counter()
+    def forward(self, step: Packed, logits: bool = True) -> torch.Tensor | None:
         self.cache.begin(step.inputs)
         with ActiveStep(self.cache, step.inputs, self.backend):
             # The prefill only writes keys: no output head over the prompt (logits=False).
-            logits = self.adapter.forward(step.tokens, step.rope, **({} if logits else {"logits": False}))
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        result.forward_seconds += time.perf_counter() - t0
-        return logits
+            return self.adapter.forward(step.tokens, step.rope, **({} if logits else {"logits": False}))
+
+    def step(self, timed: bool = True) -> bool:
+        """One decoding step: schedule, pack, forward, verify, commit, over the state in place. With
+        fixed shapes it reads nothing back from the device and returns True; with dynamic shapes it
+        returns False, doing nothing, once no lane is left to feed. ``timed``: the forward's time
+        goes to ``clock`` (a compiled step is timed whole by its caller)."""
+        lanes = self.schedule()
+        packed = self.pack(lanes)
+        if packed is None:
+            return False
+        if timed:
+            with self.clock():
+                logits = self.forward(packed)
+        else:
+            logits = self.forward(packed)
+        self.t += 1
+        self.commit(self.verify(logits, lanes, packed, self.draws.step(self.t)), packed)
+        return True
 
     def _first_undefined(self) -> torch.Tensor:
         """int64 [2]: (image, step) of the first image whose target was undefined; (-1, -1) if none."""
         bad = self.bad_step >= 0
         image = torch.where(bad.any(), bad.int().argmax(), -1)
-        return torch.stack([image, self.bad_step[image.clamp(min=0)]])
+        return torch.stack([image, self.bad_step.gather(0, image.clamp(min=0).view(1)).squeeze(0)])
 
     @staticmethod
     def _check_targets(image: int, step: int) -> None:
@@ -484,11 +617,14 @@ class _Decoder:
             order = order[:, :step.fed_lanes]
             lane = [x.gather(1, order.view(B, -1, *(1,) * (x.dim() - 2)).expand(-1, -1, *x.shape[2:]))
                     for x in lane]
+        # Coupled draws: noise of the slots n .. n+W of the lanes verified, keyed by slot (pjd.rng).
+        noise = self.draws.coupled(lane[3], W + 1) if plan.coupled_draws else None
         verdict = speculative_verify(
             logits, *lane,
             image_token_range=(plan.lo, plan.hi), cfg_scale=self.cfg_scale, reuse_threshold=plan.reuse_threshold,
             draft_init=self.draft_init, eol_token_id=plan.eol_token_id, row_slots=plan.row_slots,
-            width=plan.width, backend=self.backend, validate=False, **self.sampling,
+            width=plan.width, continuation=plan.continuation, coupled_noise=noise, backend=self.backend,
+            validate=False, **self.sampling,
         )
         if not compact:
             return verdict
@@ -502,8 +638,8 @@ class _Decoder:
                             scatter(self.draft_tokens, verdict.next_tokens), scatter(self.draft_q, verdict.next_q),
                             scatter(torch.zeros_like(self.n, dtype=torch.bool), verdict.invalid))
 
-    def commit(self, verdict, step: Packed) -> torch.Tensor:
-        """Write committed tokens, flip cache states, advance frontiers. Returns image tokens per image."""
+    def commit(self, verdict, step: Packed) -> None:
+        """Write committed tokens, flip cache states, advance frontiers, log image tokens per image, in place."""
         plan, B, W = self.plan, self.B, self.W
         k = torch.arange(W + 1, device=self.device)
         # Keys kept: leading inputs that wrote theirs, and every accepted draft.
@@ -520,15 +656,74 @@ class _Decoder:
         self.tokens.scatter_(1, self._rows(target), self._rows(verdict.commit_tokens.view(B, -1)))
         self.kv_ready.scatter_(1, torch.where(accepted, slots, dump).view(B, -1), True)
         self.kv_ready.scatter_(1, torch.where(step.writes_committed[..., 0], slots[..., 0] - 1, dump), True)
-        self.n = self.n + verdict.num_commit.long()
-        self.draft_tokens, self.draft_q = verdict.next_tokens, verdict.next_q
-        self.step += 1
-        self.bad_step = torch.where((self.bad_step < 0) & verdict.invalid.any(1), self.step, self.bad_step)
+        self.n += verdict.num_commit.long()
+        self.draft_tokens.copy_(verdict.next_tokens)
+        self.draft_q.copy_(verdict.next_q)
+        self.bad_step.copy_(torch.where((self.bad_step < 0) & verdict.invalid.any(1), self.t, self.bad_step))
+        done = self.n.ge(self.lane_len).all(1)
+        self.finished_at.copy_(torch.where(done & (self.finished_at < 0), self.t, self.finished_at))
         is_image = (slots - self.P) % plan.row_slots < plan.width
-        return (committed & is_image).sum((1, 2))
+        accepted = (committed & is_image).sum((1, 2))
+        self.accepted_log.index_copy_(0, self.t.clamp(max=self.max_steps).view(1), accepted[None])
+
+
+class _Clock:
+    """Seconds spent in timed sections: ``perf_counter`` on a CPU; on CUDA a pair of events per
+    section, read at the end of the decode (no synchronisation in the loop)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda, self.total, self.pairs = device.type == "cuda", 0.0, []
+
+    @contextlib.contextmanager
+    def __call__(self):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self.pairs.append((start, end))
+        else:
+            t0 = time.perf_counter()
+            yield
+            self.total += time.perf_counter() - t0
+
+    def seconds(self) -> float:
+        if self.pairs:
+            self.pairs[-1][1].synchronize()
+            self.total += sum(start.elapsed_time(end) for start, end in self.pairs) / 1e3
+            self.pairs = []
+        return self.total
+
+
+class _Watch:
+    """The fixed-shape loop's host reads: a small int64 tensor of flags copied to the host. On CUDA
+    the copy goes to a pinned buffer without blocking and is waited for one step later (``lag``), so
+    the GPU always has the next step queued; elsewhere it is a plain read."""
+
+    def __init__(self, device: torch.device):
+        self.lag = device.type == "cuda"
+        self.host = torch.empty(6, dtype=torch.long, pin_memory=self.lag)
+        self.event = torch.cuda.Event() if self.lag else None
+        self.log: list[tuple[int, list[int]]] = []  # (step, flags) of every read (tests check the schedule)
+        self._step = 0
+
+    def push(self, flags: torch.Tensor, step: int) -> None:
+        self.host.copy_(flags, non_blocking=self.lag)
+        self._step = step
+        if self.lag:
+            self.event.record()
+
+    def wait(self) -> list[int]:
+        if self.lag:
+            self.event.synchronize()
+        self.log.append((self._step, self.host.tolist()))
+        return self.log[-1][1]
 
 
 class _NoBar:
+    n = 0
+
+
     def update(self, n):
         pass
 

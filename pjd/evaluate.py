@@ -37,7 +37,8 @@ class Measures:
 
     features: uint8 ``[n, H, W, 3]`` -> float64 ``[n, D]``; classify: same images -> int64 ``[n]``;
     reference: () -> (mean float64 ``[D]``, covariance float64 ``[D, D]``); fid: (features ``[N, D]``,
-    reference) -> float.
+    reference) -> float. image_size: ``(H, W)`` the measures take (None: any), checked before any work;
+    class_names: names of the class ids (per-class accuracy is reported by name), or None.
     """
 
     name: str
@@ -45,11 +46,14 @@ class Measures:
     classify: Callable
     reference: Callable
     fid: Callable
+    image_size: tuple[int, int] | None = None
+    class_names: tuple[str, ...] | None = None
 
 
 def default_measures() -> Measures:
     """The default model's measures (pjd.quality): Fashion-MNIST classifier features and accuracy."""
     from pjd import quality
+    from pjd.fashion.idx import CLASS_NAMES
 
     def gray(images: torch.Tensor) -> torch.Tensor:
         if images.shape[-1] != 3 or not bool((images == images[..., :1]).all()):
@@ -60,7 +64,7 @@ def default_measures() -> Measures:
                     features=lambda x: quality.classifier_features(gray(x)),
                     classify=lambda x: quality.classify(gray(x)),
                     reference=quality.reference_stats,
-                    fid=quality.fid)
+                    fid=quality.fid, image_size=(28, 28), class_names=CLASS_NAMES)
 
 
 def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None, Path]:
@@ -85,8 +89,10 @@ def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None, Path]
         images = np.stack([np.asarray(Image.open(folder / r["file"]).convert("RGB")) for r in records])
     else:
         raise EvalError(f"samples: {str(folder)!r} holds neither {NPZ_FILE} nor {MANIFEST_FILE} with {IMAGE_DIR}/")
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or images.shape[0] < 2:
-        raise EvalError(f"samples: expected uint8 [N >= 2, H, W, 3], got {images.dtype} {images.shape}")
+    if images.ndim != 4 or images.shape[-1] != 3 or images.shape[0] < 2:
+        raise EvalError(f"samples: expected RGB images [N >= 2, H, W, 3], got shape {images.shape}")
+    if images.dtype != np.uint8:
+        raise EvalError(f"samples: expected uint8 pixels, got {images.dtype}")
     labels = None
     if records is not None:
         if len(records) != images.shape[0]:
@@ -108,6 +114,10 @@ def run_eval(path: str | Path, *, batch_size: int = 500, bootstrap: int = 200, m
         raise EvalError("bootstrap: expected 0 (off) or at least 2 resamples, got 1")
     images, labels, folder = load_samples(path)
     measures = measures or default_measures()
+    if measures.image_size is not None and tuple(images.shape[1:3]) != tuple(measures.image_size):
+        h, w = measures.image_size
+        raise EvalError(f"samples: the {measures.name} takes {h}x{w} images, got {images.shape[1]}x{images.shape[2]} "
+                        f"({images.shape[0]} images of shape {images.shape[1:]})")
     group, _ = distributed.init("cpu")
     try:
         parts = []
@@ -130,7 +140,9 @@ def run_eval(path: str | Path, *, batch_size: int = 500, bootstrap: int = 200, m
             if bootstrap:
                 report["class_accuracy_ci95"] = bootstrap_ci(torch.from_numpy(correct).double(),
                                                              lambda v: float(v.mean()), n_boot=bootstrap)
-            report["per_class_accuracy"] = {int(c): float(correct[labels == c].mean()) for c in np.unique(labels)}
+            names = measures.class_names
+            report["per_class_accuracy"] = {names[c] if names and 0 <= c < len(names) else int(c):
+                                            float(correct[labels == c].mean()) for c in np.unique(labels)}
         if write:
             atomic_write(folder / EVAL_FILE, lambda tmp: tmp.write_text(_json_text(report)))
         print_report(report)
@@ -146,16 +158,16 @@ def print_report(report: dict) -> None:
         ci = report.get(f"{key}_ci95")
         return f"{report[key]:{fmt}}" + (f" [{ci[0]:{fmt}}, {ci[1]:{fmt}}]" if ci else "")
 
+    accuracy = (f"class accuracy {value('class_accuracy', '.4f')}"
+                + (" (95% bootstrap interval)" if "class_accuracy_ci95" in report else "")
+                if "class_accuracy" in report else
+                f"no class accuracy (no {MANIFEST_FILE} giving each image's class)")
     print(f"{report['samples']}: {report['images']} images, FID {value('fid', '.3f')} ({report['measures']} "
-          f"features), class accuracy {value('class_accuracy', '.4f')} (95% bootstrap interval), "
-          f"on {report['world_size']} process(es)")
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("samples", help="a `pjd sample` directory or an .npz (arr_0: uint8 [N, H, W, 3])")
-    parser.add_argument("--batch-size", type=int, default=500)
-    parser.add_argument("--bootstrap", type=int, default=200, help="resamples for the accuracy's 95%% interval (0: none)")
-    parser.add_argument("--no-write", action="store_true", help=f"print only, do not write {EVAL_FILE}")
+          f"features), {accuracy}, on {report['world_size']} process(es)")
+    print(f"FID is biased upward at small N (it falls as N grows, for the same generator): compare FIDs computed "
+          f"with the same number of images only (here N = {report['images']}).")
+    if "per_class_accuracy" in report:
+        print("per class: " + ", ".join(f"{c} {a:.2f}" for c, a in report["per_class_accuracy"].items()))
 
 
 def main(args) -> int:

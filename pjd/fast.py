@@ -24,8 +24,6 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from pjd.cache import active_step
-from pjd.ops import draft_attention
-from pjd.ops.draft_attention import draft_attention_sdpa
 
 NAME = "pjd"
 _SAVED = "_pjd_saved_attn"
@@ -48,14 +46,10 @@ def pjd_attention(module, query, key, value, attention_mask, dropout=0.0, scalin
             raise NotImplementedError(f"{type(module).__name__} uses {feature}={kwargs[feature]}; "
                                       "pjd decoding supports plain causal attention only")
     k, v, k_pos, k_group = active.cache.update(layer, key, value)
-    step = active.step
-    if active.backend == "sdpa":  # the engine's fast path: one mask per step, no argument checks per layer
-        scale = float(query.shape[-1] ** -0.5 if scaling is None else scaling)
-        out = draft_attention_sdpa(query, k, v, active.sdpa_mask(k_pos, k_group), scale)
-    else:
-        out = draft_attention(query, k, v, step.q_pos, step.q_group, k_pos, k_group,
-                              scale=scaling, backend=active.backend)
-    return out.transpose(1, 2).contiguous(), None
+    out = active.attend(query, k, v, k_pos, k_group, float(query.shape[-1] ** -0.5 if scaling is None else scaling))
+    # No copy here: the model's own reshape to [B, Q, H * D] copies only where the output is not
+    # already laid out [B, Q, H, D] (the sdpa path returns it so for transformers' transposed queries).
+    return out.transpose(1, 2), None
 
 
 def pjd_mask(*args, **kwargs):

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-METHODS = ("ar", "sjd", "sjd++", "pjd", "zipar")
-CACHES = ("slot", "append")
+from pjd._choices import CACHES, METHODS, ROW_LEADS
+
 DEFAULT_WINDOW = {"ar": 0, "sjd": 15, "sjd++": 15, "pjd": 7, "zipar": 0}
 DEFAULT_REUSE_THRESHOLD = 0.5  # reuse_threshold="auto" for pjd and sjd++
 # context=None: round(width * this), at least 1 (measured on the embedded model, issue 21: pjd keeps
@@ -42,6 +42,8 @@ class DecodePlan:
     row_causal: bool
     lane_base: tuple[int, ...]   # image-slot index of each lane's first slot
     lane_len: tuple[int, ...]
+    coupled_draws: bool = False  # SCD: fresh drafts by the exponential race on per-slot noise
+    continuation: bool = False   # SJD-PAC: drafts after the first rejection keep being verified
 
     @property
     def num_lanes(self) -> int:
@@ -55,6 +57,24 @@ class DecodePlan:
     def image_slots(self) -> int:
         return self.height * self.row_slots
 
+    @property
+    def max_fed_lanes(self) -> int:
+        """Most lanes one step can feed: the bucket of the fixed-shape step (N = this x (window + 1)).
+
+        Single lane: 1. Row lanes (the schedule of ``pjd.engine._Decoder.schedule``): the top open
+        row; at most one flushed row (only the top row commits a sampled token, and only it can
+        complete in a step: a lower row stays behind the row above); and the fed rows below the
+        top. Fed row i below the top has committed at most ``width - 1 - 2i`` tokens (it drafts only
+        up to one column behind the row above, so it is fed only when at least two behind, and a
+        lower row never passes a higher one) and the row above it has committed at least
+        ``max(context, 2)``: at most ``(width - 1 - max(context, 2)) // 2 + 1`` of them. The engine
+        also checks the bound on the device at every step (an internal error if it ever fails)."""
+        if not self.row_lanes:
+            return 1
+        spare = self.width - 1 - max(self.context, 2)
+        below = spare // 2 + 1 if spare >= 0 else 0
+        return min(self.num_lanes, 2 + below)
+
 
 def _positive_int(name, value):
     if isinstance(value, bool) or not isinstance(value, int):
@@ -65,7 +85,8 @@ def _positive_int(name, value):
 
 def make_plan(*, method, height, width, window, context, top_k, top_p, temperature, cfg_scale,
               image_token_range, eol_token_id, draft_init, reuse_threshold, cache, vocab_size,
-              row_causal, row0_first="auto", row_lead="row_end") -> DecodePlan:
+              row_causal, row0_first="auto", row_lead="row_end", coupled_draws=False,
+              continuation=False) -> DecodePlan:
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     _positive_int("height", height)
@@ -108,6 +129,13 @@ def make_plan(*, method, height, width, window, context, top_k, top_p, temperatu
         raise ValueError(f"context applies to the row-parallel methods 'pjd' and 'zipar', not {method!r}")
     else:
         context = width
+    if coupled_draws or continuation:
+        if method not in ("sjd", "pjd"):
+            raise ValueError(f"coupled_draws / continuation apply to 'sjd' and 'pjd' (exact drafts), not {method!r}")
+        if reuse_threshold not in (None, "auto"):
+            raise ValueError(f"coupled_draws / continuation replace draft reuse: reuse_threshold must be None or "
+                             f"'auto', got {reuse_threshold!r}")
+        reuse_threshold = None  # reuse keeps a draft with its old q after a test on it: not exact
     if row_lead not in ROW_LEADS:
         raise ValueError(f"row_lead must be one of {ROW_LEADS}, got {row_lead!r}")
     if row_lead != ROW_LEADS[0] and method not in ("pjd", "zipar"):
@@ -138,5 +166,5 @@ def make_plan(*, method, height, width, window, context, top_k, top_p, temperatu
     window = min(window, max(lane_len))
     return DecodePlan(method, height, width, row_slots, eol_token_id, lo, hi, window, context, row0_first, row_lead,
                       None if reuse_threshold is None else float(reuse_threshold), bool(row_causal),
-                      lane_base, lane_len)
+                      lane_base, lane_len, bool(coupled_draws), bool(continuation))
 

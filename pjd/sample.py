@@ -32,8 +32,8 @@ import torch
 import pjd
 from pjd import _checks, distributed
 from pjd.models.base import adapter_for
-from pjd.ops._backend import BACKENDS, resolve_backend
-from pjd.plan import METHODS, ROW_LEADS, make_plan
+from pjd.ops._backend import resolve_backend
+from pjd.plan import METHODS, make_plan
 
 FORMAT = 1
 RUN_FILE, MANIFEST_FILE, SUMMARY_FILE, NPZ_FILE, IMAGE_DIR = (
@@ -374,45 +374,6 @@ def _device_name(device: torch.device) -> str:
 
 
 __all__ = ["SampleSettings", "SampleError", "run_sample", "resolve_classes", "read_prompts", "chunks"]
-
-
-def _reuse_threshold(text: str) -> float | str | None:
-    word = text.lower()
-    return None if word == "none" else "auto" if word == "auto" else float(text)
-
-
-def add_arguments(parser) -> None:
-    """The `pjd sample` command line."""
-    what = parser.add_mutually_exclusive_group()
-    what.add_argument("--classes", default=None,
-                      help="comma list of class ids or names; image i gets the (i mod len)-th (default: all classes)")
-    what.add_argument("--prompts", default=None, help="file with one prompt per line (class names or ids)")
-    parser.add_argument("--num-images", "-n", type=int, default=None,
-                        help="images to decode (default with --prompts: one per line)")
-    parser.add_argument("--out", required=True, help="output directory (re-run the same command to resume)")
-    parser.add_argument("--model", default="default", help="'default' (embedded model) or 'tiny' (smoke runs)")
-    parser.add_argument("--method", choices=METHODS, default="pjd")
-    parser.add_argument("--window", type=int, default=None)
-    parser.add_argument("--context", type=int, default=None)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--cfg-scale", type=float, default=3.0)
-    parser.add_argument("--reuse-threshold", type=_reuse_threshold, default="auto",
-                        help="'auto' (0.5 for pjd / sjd++), a number (pjd / sjd++ only), or 'none' (off)")
-    parser.add_argument("--draft-init", choices=["random", "repeat_left"], default="random")
-    parser.add_argument("--no-row-causal", action="store_true", help="the paper's ablation")
-    parser.add_argument("--row0-first", choices=["auto", "on", "off"], default="auto",
-                        help="pjd / zipar: decode row 0 before row 1 starts ('auto': on without EOL)")
-    parser.add_argument("--row-lead", choices=list(ROW_LEADS), default="row_end",
-                        help="pjd / zipar without EOL: the row a fresh row's leading token is copied from")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda:LOCAL_RANK under torchrun)")
-    parser.add_argument("--backend", default="auto", choices=list(BACKENDS))
-    parser.add_argument("--cache", default="slot", choices=["slot", "append"])
-    parser.add_argument("--no-npz", action="store_true", help="PNGs only, no samples.npz")
-    parser.add_argument("--no-progress", action="store_true")
 
 
 def main(args) -> int:

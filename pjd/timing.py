@@ -5,7 +5,8 @@ pays for lazy imports, allocator growth and library handles. None of that is dec
 figure in seconds always comes from a call whose configuration already ran once, untimed:
 
 - ``WarmUp``: for whole decodes (``pjd.generate``, the hf baseline). Before the first call of a
-  configuration it decodes one row of the grid with the same settings, untimed: that pays the
+  configuration it decodes one row of the grid with the same settings (the identical call with
+  ``compile=``: the step is compiled for the call's shapes; its ``compile_seconds`` go to ``log``), untimed: that pays the
   first-call costs (imports, allocations, library handles) and compiles the Triton variants a
   decode uses, without doubling the run. The timed call is then watched: if it compiled a Triton
   kernel variant the one-row warm-up did not reach (``compiled_variants()`` grew), it is run once
@@ -78,8 +79,10 @@ class WarmUp:
                      **{k: _describe(v) for k, v in sorted(kwargs.items()) if k not in NOT_CONFIG})
         key = (tuple(id(a) for a in args if isinstance(a, torch.nn.Module)), json.dumps(entry, sort_keys=True))
         if key not in self._done:
-            fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
             self._done.add(key)
+            if getattr(result, "compile_seconds", 0):  # pjd.generate(compile=...): compiled here, reported apart
+                entry["compile_seconds"] = result.compile_seconds
             self.log.append(entry)
 
     def _timed(self, name: str, call: Callable):
@@ -93,7 +96,9 @@ class WarmUp:
 
     def generate(self, model, input_ids, **kwargs):
         """``pjd.generate(model, input_ids, **kwargs)``, its configuration warmed up first."""
-        self("pjd.generate", lambda m, ids, **kw: pjd.generate(m, ids, **{**kw, "height": 1, "progress": False}),
+        # A compiled step is compiled for the call's shapes: one row would compile another one.
+        rows = {} if kwargs.get("compile") else {"height": 1}
+        self("pjd.generate", lambda m, ids, **kw: pjd.generate(m, ids, **{**kw, **rows, "progress": False}),
              model, input_ids, **kwargs)
         return self._timed(f"pjd.generate {kwargs.get('method', 'pjd')}", lambda: pjd.generate(model, input_ids, **kwargs))
 

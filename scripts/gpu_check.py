@@ -26,9 +26,9 @@ from xml.etree import ElementTree
 
 ROOT = Path(__file__).resolve().parents[1]
 # (stage, time cap in seconds), in the order they run: what matters most first.
-STAGES = (("env", 60), ("parity", 170), ("step", 150), ("kernels", 120), ("e2e", 100), ("demo", 60))
+STAGES = (("env", 60), ("parity", 170), ("step", 150), ("kernels", 120), ("e2e", 100), ("graph", 60), ("demo", 60))
 INSTALL_CAP = 240
-CUDA_STAGES = {"kernels", "e2e", "demo"}  # nothing to run without CUDA (parity skips itself, step runs a toy)
+CUDA_STAGES = {"kernels", "e2e", "graph", "demo"}  # nothing to run without CUDA (parity skips itself, step runs a toy)
 
 
 def _python() -> str:
@@ -109,6 +109,10 @@ def stage_command(name: str, raw: Path, cuda: bool, cap: float) -> list:
     if name == "e2e":
         return [py, "benchmarks/e2e.py", "--device", "cuda", "--sections", "speed", "--batch", "1",
                 "--speed-methods", "ar,sjd,pjd", "--hf-cfg", "batched", "--repeats", "3", "--out", raw / "e2e"]
+    if name == "graph":  # issue 20: the step captured as a CUDA graph against eager (tokens_equal_to_eager)
+        return [py, "benchmarks/e2e.py", "--device", "cuda", "--sections", "speed", "--batch", "1",
+                "--speed-methods", "ar,pjd,ar-compiled,pjd-compiled", "--hf-cfg", "batched", "--repeats", "2",
+                "--out", raw / "graph"]
     if name == "demo":
         return [py, "-m", "pjd.cli", "demo", "--device", "cuda", "--no-progress", "--out", raw / "demo",
                 "--json", raw / "demo_rows.json"]
@@ -193,8 +197,8 @@ def _headline(name: str, raw: Path) -> dict:
             return dict(device=step["device"], toy=step["toy"], note=step["note"],
                         not_run_for_budget=step["not_run_for_budget"], projections=step.get("projections", []),
                         rows=[{k: r.get(k) for k in keep} for r in step["rows"]])
-        if name == "e2e":
-            found = sorted((raw / "e2e").glob("e2e/*.json"))
+        if name in ("e2e", "graph"):
+            found = sorted((raw / name).glob("e2e/*.json"))
             if found:
                 report = json.loads(found[0].read_text())
                 return dict(device=report["device"], rows=report["sections"].get("speed"))

@@ -1,4 +1,5 @@
-"""Test-wide settings (one intra-op thread per test process) and the compile_on_first_call fixture.
+"""Test-wide settings (one intra-op thread per test process, one Triton cache per session, the
+slowest tests first) and the compile_on_first_call fixture.
 
 pytest runs with -n 2 on 2-core machines; two workers each spinning two OpenMP threads make tiny
 matmuls over 100x slower than one thread each.
@@ -10,6 +11,33 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a test of a minute or more (compiles, the interpreter, subprocesses); "
+                                       "run first")
+
+
+def pytest_collection_modifyitems(items):
+    """Tests marked slow start first (stable order otherwise): with -n 2 they spread over both workers
+    from the start and the many short tests fill the end, instead of one long test starting last and
+    keeping one worker busy while the other idles."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_triton_cache(tmp_path_factory):
+    """One Triton cache for the whole test session, shared by the xdist workers (and by any subprocess
+    a test starts): a kernel variant compiled once is loaded, not compiled again, by every later test
+    on either worker that launches it. It starts empty, so every variant the session checks is
+    compiled in this session, never taken from an earlier run's cache (Triton keys each entry by the
+    kernel's source, its specialisation, the target and Triton's version)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder; each worker's basetemp is a child of it
+    cache = root / "triton-cache"
+    cache.mkdir(exist_ok=True)
+    os.environ["TRITON_CACHE_DIR"] = str(cache)
 
 
 COMPILE_SECONDS = 1000.0  # what a first call "costs" under the fixture below

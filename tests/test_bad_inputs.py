@@ -95,6 +95,11 @@ GENERATE_CASES = [
     (dict(reuse_threshold=0.3, method="sjd"), ValueError, "reuse_threshold"),
     (dict(reuse_threshold=float("nan"), method="sjd"), ValueError, "reuse_threshold"),
     (dict(reuse_threshold="high", method="pjd"), TypeError, "reuse_threshold"),
+    (dict(coupled_draws="yes"), TypeError, "coupled_draws"),
+    (dict(continuation=1), TypeError, "continuation"),
+    (dict(coupled_draws=True, method="sjd++"), ValueError, "sjd\\+\\+'s draft reuse is not exact"),
+    (dict(continuation=True, method="ar"), ValueError, "continuation"),
+    (dict(continuation=True, method="pjd", reuse_threshold=0.5), ValueError, "replaces pjd's draft reuse"),
     (dict(row_causal="no"), TypeError, "row_causal"),
     (dict(row_causal=False, method="sjd"), ValueError, "row_causal"),
     (dict(row0_first="yes", method="pjd"), TypeError, "row0_first"),
@@ -327,6 +332,7 @@ TRITON_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_non_finite_logits_triton_interpreter():
     """The Triton kernels flag the same lanes as the reference; generate(backend="triton") raises."""
     import json
@@ -552,6 +558,10 @@ def test_soak_varied_calls(model):
     (["demo", "--top-k", "-1"], "--top-k"),
     (["demo", "--methods", "ar,beam"], "--methods"),
     (["demo", "--device", "gpu0"], "--device"),
+    (["demo", "--device", "cuda:99"], "--device"),       # no such device, with or without CUDA
+    (["demo", "--backend", "triton"], "--backend"),      # no CUDA tensors, no interpreter
+    (["demo", "--top-k", "100000", "--no-hf", "--methods", "ar"], "top_k"),  # beyond the 512 image tokens
+    (["generate", "--threads", "0"], "--threads"),
 ])
 def test_cli_bad_flags_exit_2_naming_the_flag(argv, flag, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -580,3 +590,90 @@ def test_cli_checks_outputs_before_generating(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(pjd.demo, "run_demo", lambda **kw: [])
     assert cli_main(["demo", "--out", str(target), "--json", str(tmp_path / "j" / "r.json")]) == 0
     assert target.is_dir() and (tmp_path / "j").is_dir()
+
+
+def test_cli_sample_refuses_outputs_it_cannot_write(tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for out in (a_file, a_file / "sub"):
+        with pytest.raises(SystemExit) as exit_:
+            cli_main(["sample", "--out", str(out), "--model", "tiny", "-n", "2", "--no-progress"])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert "--out" in err.strip().splitlines()[-1] and "Traceback" not in err
+
+
+def test_cli_ctrl_c_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    import pjd.sample
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(pjd.sample, "run_sample", interrupted)
+    assert cli_main(["sample", "--out", str(tmp_path / "o"), "--model", "tiny", "-n", "2"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "re-run the same command to resume" in err and "Traceback" not in err
+
+
+def test_cli_eval_of_wrong_size_images_names_the_size(tmp_path, capsys):
+    import numpy as np
+
+    np.savez(tmp_path / "big.npz", arr_0=np.zeros((4, 64, 64, 3), np.uint8))
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["eval", str(tmp_path / "big.npz")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "28x28" in err and "64x64" in err and "Traceback" not in err
+
+
+def test_cli_threads_option_sets_torch_threads(monkeypatch):
+    from pjd import cli
+
+    monkeypatch.setitem(cli.RUN, "generate", lambda parser, args: 0)
+    try:
+        assert cli_main(["generate", "--threads", "2"]) == 0
+        assert torch.get_num_threads() == 2
+        assert cli_main(["generate"]) == 0
+        assert torch.get_num_threads() == cli.DEFAULT_THREADS == 1
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_cli_help_imports_no_torch_and_documents_every_option():
+    """`pjd --help` answers without importing torch; every option of every command has a help text,
+    and one that has a default shows it."""
+    code = ("import sys\nfrom pjd import cli\nfor argv in (['--help'], ['sample', '--help'], ['--version']):\n"
+            "    try:\n        cli.main(argv)\n    except SystemExit:\n        pass\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO TORCH')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("NO TORCH")
+    from pjd import __version__, cli
+
+    assert f"pjd {__version__}" in proc.stdout
+    parser = cli.build_parser()
+    for name, command in parser.commands.items():
+        formatter = command._get_formatter()
+        for action in command._actions:
+            if action.dest == "help":
+                continue
+            assert action.help, f"pjd {name} {action.option_strings}: no help"
+            shown = formatter._get_help_string(action)
+            if action.default is not None and action.default is not False and action.option_strings:
+                assert "default" in shown, f"pjd {name} {action.option_strings}: default not shown"
+
+
+def test_model_grid_is_checked_and_device_must_exist():
+    """A LlamaGen model decodes its own grid's width (2-D RoPE by rows), at most its rows; a device
+    that does not exist is refused before the weights load."""
+    dm = pjd.models.default()
+    prompt = dm.prompt(torch.tensor([0]))
+    with pytest.raises(ValueError, match="8x8 grid on a model built for 16x16 .*width must be 16"):
+        pjd.generate(dm.model, prompt, height=8, width=8, image_token_range=dm.image_token_range)
+    with pytest.raises(ValueError, match="height at most 16"):
+        pjd.generate(dm.model, prompt, height=17, width=16, image_token_range=dm.image_token_range)
+    top = pjd.generate(dm.model, prompt, height=1, width=16, image_token_range=dm.image_token_range, method="ar")
+    assert top.tokens.shape == (1, 1, 16)  # the top row of an image
+    with pytest.raises(ValueError, match="device='cuda:99'"):
+        pjd.models.default(device="cuda:99")
+    assert len(repr(top)) < 200 and "steps=16" in repr(top)  # a summary, not the tensors
+

@@ -234,6 +234,28 @@ def test_warm_up_where_nothing_compiles_decodes_one_row(lm, monkeypatch):
     assert heights == [1, 3] and warm.reruns == []
 
 
+def test_warm_up_of_a_compiled_step_is_the_identical_call(lm, monkeypatch):
+    """generate(compile=True) compiles the step for the call's shapes: the warm-up is the identical call
+    (one row would compile another graph), its compile time logged apart; e2e names the variants."""
+    from types import SimpleNamespace
+
+    from pjd import timing
+
+    calls = []
+
+    def fake(model, ids, **kw):
+        calls.append(kw["height"])
+        return SimpleNamespace(compile_seconds=5.0 if len(calls) == 1 else 0.0)
+
+    monkeypatch.setattr(pjd, "generate", fake)
+    warm = timing.WarmUp()
+    out = warm.generate(lm, torch.tensor([[32]]), height=3, width=2, method="pjd", compile=True, seed=0)
+    assert calls == [3, 3] and out.compile_seconds == 0.0 and warm.log[0]["compile_seconds"] == 5.0
+    assert e2e.variant("pjd-compiled") == ("pjd", {"compile": True})
+    assert e2e.variant("sjd++-fixed") == ("sjd++", {"fixed_shapes": True})
+    assert e2e.variant("llamagen-compiled") == ("llamagen-compiled", {})
+
+
 def test_warm_up_reruns_a_timed_call_that_compiled(lm, compile_on_first_call, monkeypatch):
     """GPU: the one-row warm-up compiles what one row reaches; a timed call that still compiled a
     variant (e.g. split-KV attention, reached only by longer caches) is run again, never reported."""

@@ -9,6 +9,8 @@ and shared memory within the per-block limit; every grid must fit CUDA's limits.
 the references, so correctness stays with the interpreter tests.
 
 In-process: the pytest process never sets TRITON_INTERPRET (the interpreter tests use subprocesses).
+The session's one Triton cache (conftest.py) starts empty: each variant is compiled once per session,
+for real, and the cases that launch it again (another group, another worker) load it.
 """
 from __future__ import annotations
 
@@ -27,12 +29,7 @@ KERNELS = {"_draft_attention_fwd", "_draft_attention_combine", "_target_probs_ke
            "_next_drafts_kernel"}
 
 
-@pytest.fixture(autouse=True)
-def _fresh_triton_cache(tmp_path, monkeypatch):
-    """Compile for real: no variant comes out of an on-disk cache of an earlier run."""
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton-cache"))
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("group", list(kernel_report.GROUPS))
 def test_matrix_compiles_without_spills(group, arch):
@@ -67,6 +64,43 @@ def test_a_second_decode_compiles_nothing_new():
             kernel_report._generate(model, method="pjd", batch=2, seed=seed)
         kernel_report._generate(model, method="pjd", batch=2, seed=4, cache="append")
     assert run.count() == first, [v.constexprs for v in run.variants.values()]
+
+
+def test_fixed_shape_step_compiles_nothing_after_its_first_step(monkeypatch):
+    """The fixed-shape step (CUDA's default, what a CUDA graph captures): every variant is compiled by
+    the end of the first decoding step, later steps compile nothing (no size specialised on a value
+    that moves), the Triton wrappers read nothing back in the loop (a read would break a capture),
+    and compile=True refuses a dry run (nothing there can be captured)."""
+    from test_fixed_step import HostReads
+
+    import pjd
+    from pjd import engine
+
+    model = kernel_report._model()
+    counts, reads = [], HostReads()
+    step, run_fixed = engine._Decoder.step, engine._Decoder.run_fixed
+
+    def spy(self, timed=True):
+        fed = step(self, timed)
+        counts[-1].append(run.count())
+        return fed
+
+    def counted(self, step, bar):
+        with reads:
+            run_fixed(self, step, bar)
+
+    monkeypatch.setattr(engine._Decoder, "step", spy)
+    monkeypatch.setattr(engine._Decoder, "run_fixed", counted)
+    with torch.no_grad(), dry_run(90) as run:
+        for method, cache in (("pjd", "slot"), ("pjd", "append"), ("ar", "slot")):
+            counts.append([])
+            kernel_report._generate(model, method=method, batch=2, cache=cache, fixed_shapes=True)
+            assert len(counts[-1]) > 3 and len(set(counts[-1])) == 1, (method, cache, counts[-1])
+        assert not reads.ops, reads.ops
+        with pytest.raises(ValueError, match="compile=True cannot run here: .*dry run"):
+            pjd.generate(model, torch.ones(1, 1, dtype=torch.long), height=2, width=2, backend="triton",
+                         compile=True)
+    run.check()
 
 
 def test_dry_run_returns_reference_outputs():

@@ -75,10 +75,19 @@ class CausalLMAdapter:
         return fast.patched(self.model)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, logits: bool = True):
+        kw = dict(input_ids=input_ids, position_ids=position_ids, attention_mask=no_packing_mask(input_ids),
+                  use_cache=False)
         if not logits:
-            self.model.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+            self.model.get_decoder()(**kw)
             return None
-        return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+        return self.model(**kw).logits
+
+
+def no_packing_mask(input_ids: torch.Tensor) -> torch.Tensor:
+    """An all-true 2-D attention mask for a pjd step's forward. The "pjd" hook builds no mask from it
+    (pjd.fast.pjd_mask returns None during a step); without any mask, transformers inspects
+    position_ids for packed sequences, which reads a value back from the device on every forward."""
+    return torch.ones_like(input_ids, dtype=torch.bool)
 
 
 def _family(model):

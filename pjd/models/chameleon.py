@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from .base import (CausalLMAdapter, as_sequences, check_grid_size, contiguous_range, engine_kwargs, left_pad,
-                   to_pil, vocab_id)
+                   no_packing_mask, to_pil, vocab_id)
 
 IMAGE_START = "<racm3:break>"
 EOL = "<reserved08799>"
@@ -66,7 +66,8 @@ class ChameleonAdapter(CausalLMAdapter):
     ``lm_head`` to the decoder output itself."""
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, logits: bool = True):
-        hidden = self.model.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        hidden = self.model.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                                  attention_mask=no_packing_mask(input_ids)).last_hidden_state
         return self.model.lm_head(hidden) if logits else None
 
 

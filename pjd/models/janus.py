@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import (CausalLMAdapter, as_sequences, check_codebook_ids, check_grid_size, engine_kwargs, left_pad,
-                   to_pil)
+                   no_packing_mask, to_pil)
 
 
 class JanusAdapter(CausalLMAdapter):
@@ -47,8 +47,8 @@ class JanusAdapter(CausalLMAdapter):
         text = model.get_input_embeddings()((input_ids - K).clamp(min=0))
         image = model.prepare_embeddings_for_image_generation(input_ids.clamp(max=K - 1))
         embeds = torch.where(is_image, image.to(text.dtype), text)
-        hidden = model.model.language_model(inputs_embeds=embeds, position_ids=position_ids,
-                                            use_cache=False).last_hidden_state
+        hidden = model.model.language_model(inputs_embeds=embeds, position_ids=position_ids, use_cache=False,
+                                            attention_mask=no_packing_mask(input_ids)).last_hidden_state
         return model.model.generation_head(hidden) if logits else None
 
 

@@ -41,9 +41,10 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.loss.loss_utils import ForCausalLMLoss
 
+from pjd._checks import check_device
 from pjd.ops._checks import integer
 
-from .base import check_codebook_ids, check_grid_size, engine_kwargs, load_checkpoint, to_pil
+from .base import CausalLMAdapter, check_codebook_ids, check_grid_size, engine_kwargs, load_checkpoint, to_pil
 
 
 @dataclass(frozen=True)
@@ -286,6 +287,7 @@ def load_llamagen(gpt_checkpoint, *, gpt_model, image_size: int, downsample: int
         LlamaGenForCausalLM; prompts from ``llamagen_prompt(labels, model=model, cfg_scale=...)``.
     """
     arch = _arch(gpt_model)
+    check_device(device)
     for name, v in (("image_size", image_size), ("downsample", downsample)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -358,6 +360,17 @@ def llamagen_prompt(labels, *, model=None, codebook_size: int | None = None, num
     mask = torch.ones_like(ids)
     return engine_kwargs(ids=ids, mask=mask, uncond_ids=uncond, uncond_mask=mask, cfg_scale=cfg_scale,
                          height=height, width=width, image_token_range=(0, codebook_size))
+
+
+class LlamaGenAdapter(CausalLMAdapter):
+    """A LlamaGen model decodes the grid its 2-D RoPE table was built for (pjd._checks.check_positions)."""
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.model.config.grid_size, self.model.config.grid_size
+
+
+ADAPTER = LlamaGenAdapter
 
 
 def decode_images(model, tokens: torch.Tensor) -> list:

@@ -13,7 +13,8 @@ import warnings
 
 import torch
 
-BACKENDS = ("auto", "torch", "sdpa", "triton")
+from pjd._choices import BACKENDS
+
 # Set by pjd.kernels.dryrun while a dry run is active (the compute capability it compiles for):
 # Triton kernels then take CPU tensors, are compiled for that GPU and never launched.
 DRY_RUN_ARCH: int | None = None

@@ -217,7 +217,7 @@ def _check_no_overlap(caches, meta, keep, dst_start) -> None:
                 raise ValueError(f"{name} shares memory with {written}, which compact_kv writes in place")
 
 
-def compact_kv(caches, keep, tail_start, dst_start, *, meta=(), backend="auto") -> torch.Tensor:
+def compact_kv(caches, keep, tail_start, dst_start, *, meta=(), backend="auto", validate=True) -> torch.Tensor:
     """Compact the appended tail of a KV cache in place: drop rejected entries, close the gaps.
 
     Per sample b, with ``idx`` the indices t where ``keep[b, t]`` in increasing order, for
@@ -247,16 +247,19 @@ def compact_kv(caches, keep, tail_start, dst_start, *, meta=(), backend="auto") 
             for), "torch" (pure-torch fallback) or "native" (C++ CPU op / CUDA op; RuntimeError
             saying why where it cannot run, naming the GPU's compute capability).
             ``compact_kv_backend(device)`` returns what "auto" runs: "cuda", "cpp" or "torch".
+        validate: False skips every argument check, including the host read of ``dst_start`` on
+            CPU tensors (the engine's step, whose arguments are correct by construction).
 
     Returns:
         int32 ``[B]`` on the device of caches: ``new_lengths = dst_start + keep.sum(1)``.
     """
-    caches, meta = _check_args(caches, keep, tail_start, dst_start, meta)
+    if validate:
+        caches, meta = _check_args(caches, keep, tail_start, dst_start, meta)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     device = caches[0].device
     use_native = _use_native(backend, device)
-    if (device.type == "cpu" or not use_native) and not torch.compiler.is_compiling():
+    if validate and (device.type == "cpu" or not use_native) and not torch.compiler.is_compiling():
         # The CUDA op skips this host read (it would synchronise); see dst_start above.
         if bool(((dst_start < 0) | (dst_start > tail_start)).any()):
             raise ValueError(f"dst_start must lie in [0, tail_start={tail_start}], got {dst_start.tolist()}")

@@ -25,14 +25,18 @@ def visibility_mask(q_pos, q_group, k_pos, k_group) -> torch.Tensor:
 
 def draft_attention_reference(q, k, v, q_pos, q_group, k_pos, k_group, scale: float) -> torch.Tensor:
     """Pure-torch specification: dense scores in fp32, masked softmax, zeros for rows that see nothing."""
+    return _reference_masked(q, k, v, sdpa_mask(q_pos, q_group, k_pos, k_group), scale)
+
+
+def _reference_masked(q, k, v, mask: tuple[torch.Tensor, torch.Tensor], scale: float) -> torch.Tensor:
+    """The reference given the step's ``sdpa_mask`` (built once per step by the engine's hook)."""
+    visible, sees_any = mask
     group_size = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group_size, dim=1).float()
     v = v.repeat_interleave(group_size, dim=1).float()
     scores = torch.matmul(q.float(), k.transpose(-1, -2)) * scale
-    visible = visibility_mask(q_pos, q_group, k_pos, k_group)[:, None]
     scores = scores.masked_fill(~visible, float("-inf"))
     # A row that sees nothing is all -inf; softmax would give NaN. Give it zeros instead.
-    sees_any = visible.any(dim=-1, keepdim=True)
     probs = torch.softmax(scores.masked_fill(~sees_any, 0.0), dim=-1) * sees_any
     return torch.matmul(probs, v).to(q.dtype)
 
@@ -76,6 +80,23 @@ def _draft_attention_op(
 @_draft_attention_op.register_fake
 def _(q, k, v, q_pos, q_group, k_pos, k_group, scale, backend):
     return q.new_empty(q.shape)  # contiguous, q's dtype: what torch, sdpa and triton return
+
+
+def draft_attention_step(q, k, v, q_pos, q_group, k_pos, k_group, scale: float, backend: str, mask=None):
+    """``draft_attention`` as a decoding step calls it once per layer: no argument checks (the engine
+    builds the metadata), ``backend`` already resolved ("torch", "sdpa" or "triton"), ``mask`` the
+    step's ``sdpa_mask`` (sdpa and torch backends) built once per step by the caller, and in eager
+    mode no custom-op dispatch (under torch.compile the registered op is traced). Same outputs as
+    ``draft_attention``."""
+    if backend == "triton":
+        if torch.compiler.is_compiling():
+            return _draft_attention_op(q, k, v, q_pos, q_group, k_pos, k_group, scale, backend)
+        from pjd.kernels.draft_attention import draft_attention_triton
+
+        return draft_attention_triton(q, k, v, q_pos, q_group, k_pos, k_group, scale)
+    if backend == "sdpa":
+        return draft_attention_sdpa(q, k, v, mask, scale)
+    return _reference_masked(q, k, v, mask, scale)
 
 
 def draft_attention(q, k, v, q_pos, q_group, k_pos, k_group, *, scale=None, backend="auto"):

@@ -1,0 +1,194 @@
+"""The fixed-shape step (issue 20): same tokens as the dynamic one, no host read inside the loop but
+the few flags read every CHECK_EVERY steps, and one shape per tensor for the whole decode."""
+import collections
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import pjd
+from pjd import engine
+from pjd.models import tiny_llama
+
+IMAGE, PROMPT, EOL, VOCAB = (0, 24), (24, 30), 30, 32
+# Ops that bring a tensor's value to the host (.item(), int(), bool(), data-dependent shapes).
+HOST_READS = {"_local_scalar_dense", "is_nonzero", "equal", "nonzero", "masked_select", "unique",
+              "_unique2", "repeat_interleave"}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama(VOCAB, hidden_size=48, layers=2, heads=4, kv_heads=2, logit_scale=2.0, seed=1)
+
+
+def settings(batch=2, **kw):
+    ids = torch.randint(*PROMPT, (batch, 3), generator=torch.Generator().manual_seed(0))
+    out = dict(image_token_range=IMAGE, seed=3, cfg_scale=3.0, uncond_input_ids=torch.full_like(ids[:, :1], 29))
+    out.update(kw)
+    return ids, out
+
+
+@pytest.mark.parametrize("cache", ["slot", "append"])
+@pytest.mark.parametrize("backend", ["sdpa", "torch"])
+def test_fixed_shapes_give_the_dynamic_tokens(model, cache, backend):
+    """Sampled, CFG, batch 2, every method, EOL on and off: tokens, step counts and per-step commits agree."""
+    for method in ("ar", "sjd", "sjd++", "pjd", "zipar"):
+        for eol in (None, EOL):
+            extra = dict(context=2) if method in ("pjd", "zipar") else {}
+            ids, kw = settings(height=4, width=6, method=method, eol_token_id=eol, cache=cache, backend=backend,
+                               **extra)
+            dynamic = pjd.generate(model, ids, fixed_shapes=False, **kw)
+            fixed = pjd.generate(model, ids, fixed_shapes=True, **kw)
+            assert torch.equal(fixed.tokens, dynamic.tokens), (method, eol)
+            assert fixed.steps == dynamic.steps and torch.equal(fixed.steps_per_image, dynamic.steps_per_image)
+            assert torch.equal(torch.stack(fixed.accepted), torch.stack(dynamic.accepted)), (method, eol)
+
+
+class HostReads(TorchDispatchMode):
+    """Counts ops that read a tensor's value back to the host; ``Tensor.tolist`` (which dispatches
+    nothing on a CPU tensor) is counted by a patch installed by the test."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if name in HOST_READS:
+            self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("cache", ["slot", "append"])
+@pytest.mark.parametrize("eol", [None, EOL])
+@pytest.mark.parametrize("method", ["ar", "pjd"])
+def test_no_host_read_in_the_loop_but_the_flags_every_ten_steps(model, monkeypatch, method, eol, cache):
+    """In the loop (first step to completion) nothing reads a value back but ``_Watch``; it reads at most
+    once per CHECK_EVERY steps while completion is further away than that (steady state), and only
+    as often as a lower bound on the steps left allows after (no step is run past completion)."""
+    seen = {}
+    run_fixed, tolist = engine._Decoder.run_fixed, torch.Tensor.tolist
+
+    def counting_tolist(self):
+        seen["tolist"] = seen.get("tolist", 0) + 1
+        return tolist(self)
+
+    def counted(self, step, bar):
+        monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
+        try:
+            with HostReads() as reads:
+                run_fixed(self, step, bar)
+        finally:
+            monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+        seen.update(ops=reads.ops, log=self.watch.log)
+
+    monkeypatch.setattr(engine._Decoder, "run_fixed", counted)
+    grid = dict(height=10, width=10) if method == "ar" else dict(height=24, width=8)  # both long enough
+    ids, kw = settings(method=method, eol_token_id=eol, cache=cache, **grid)
+    out = pjd.generate(model, ids, fixed_shapes=True, **kw)
+    log, steps = seen["log"], out.steps
+    assert sum(seen["ops"].values()) == 0, seen["ops"]
+    assert seen["tolist"] == len(log)  # every read is the watch's
+    assert log[-1][0] == steps and log[-1][1][0] == 1  # completion read at the very step it happened
+    assert all(flags[0] == 0 for _, flags in log[:-1])
+    reads = [(at, flags[-1]) for at, flags in log]  # (step, lower bound of the steps left)
+    steady = [(at, bound) for at, bound in reads if bound >= engine.CHECK_EVERY]
+    assert len(steady) >= 2, reads  # the decode is long enough to have a steady state
+    # Steady state: reads CHECK_EVERY steps apart, i.e. one per ten steps; the first at step 10 at latest.
+    assert reads[0][0] <= engine.CHECK_EVERY
+    for (at, bound), (next_at, _) in zip(reads, reads[1:]):
+        if bound >= engine.CHECK_EVERY:
+            assert next_at - at == engine.CHECK_EVERY, reads
+    # Every read's bound is a true lower bound of the steps left.
+    assert all(bound <= steps - at for at, bound in reads), (steps, reads)
+
+
+@pytest.mark.parametrize("cache", ["slot", "append"])
+@pytest.mark.parametrize("backend", ["sdpa", "torch"])
+def test_every_tensor_fed_to_the_model_and_the_verification_keeps_its_shape(model, monkeypatch, cache, backend):
+    shapes = collections.defaultdict(set)
+    forward, update, verify = engine._Decoder.forward, None, engine.speculative_verify
+
+    def record(where, values):
+        for i, v in enumerate(values):
+            if isinstance(v, torch.Tensor):
+                shapes[(where, i)].add(tuple(v.shape))
+
+    def spy_forward(self, step, logits=True):
+        if logits:  # decoding steps (the prefill runs once, before them)
+            record("model", [step.tokens, step.rope, *vars(step.inputs).values()])
+            self.cache.update = spy_update.__get__(self.cache)
+        return forward(self, step, logits)
+
+    def spy_update(cache, layer, k, v):
+        out = type(cache).update(cache, layer, k, v)
+        record("attention", [k, v, *out])
+        return out
+
+    def spy_verify(*args, **kwargs):
+        record("verify", [*args, *kwargs.values()])
+        return verify(*args, **kwargs)
+
+    monkeypatch.setattr(engine._Decoder, "forward", spy_forward)
+    monkeypatch.setattr(engine, "speculative_verify", spy_verify)
+    ids, kw = settings(height=6, width=8, method="pjd", context=2, cache=cache, backend=backend)
+    out = pjd.generate(model, ids, fixed_shapes=True, **kw)
+    assert out.steps > 5
+    assert {where for where, _ in shapes} == {"model", "attention", "verify"}
+    assert all(len(s) == 1 for s in shapes.values()), {k: s for k, s in shapes.items() if len(s) > 1}
+    # The dynamic path, spied the same way, does change shapes (the spy can see a change).
+    shapes.clear()
+    pjd.generate(model, ids, fixed_shapes=False, **kw)
+    assert any(len(s) > 1 for s in shapes.values())
+
+
+def test_compiled_step_is_one_graph_with_the_eager_tokens(model, monkeypatch):
+    """compile=True on a CPU: the whole step traced by dynamo as ONE graph (fullgraph: a host read or
+    a graph break would raise), paid once (a second call with other draws compiles nothing), tokens
+    equal to the eager fixed-shape step's. Dynamo's "eager" backend stands in for inductor here (the
+    same trace; inductor's code generation takes minutes on this machine: docs/performance.md)."""
+    from torch._dynamo.utils import counters
+
+    from pjd import compiler
+
+    monkeypatch.setattr(compiler, "BACKEND", "eager")
+    graphs = counters["stats"]["unique_graphs"]
+    for seed, first in ((1, True), (2, False)):
+        ids, kw = settings(height=4, width=6, method="pjd", context=2, seed=seed)
+        out = pjd.generate(model, ids, compile=True, **kw)
+        eager = pjd.generate(model, ids, fixed_shapes=True, **kw)
+        assert out.compiled == "inductor" and (out.compile_seconds > 0) == first
+        assert torch.equal(out.tokens, eager.tokens) and out.steps == eager.steps
+    assert counters["stats"]["unique_graphs"] == graphs + 1
+
+
+def test_compile_argument(model):
+    from pjd import compiler
+
+    compiler._warned.clear()
+    ids, kw = settings(height=2, width=3, method="pjd")
+    with pytest.warns(RuntimeWarning, match="compile='auto' runs the step eagerly: on a CPU the compiled pjd"):
+        assert pjd.generate(model, ids, compile="auto", **kw).compiled == ""
+    ids, kw = settings(height=2, width=3, method="ar")
+    with pytest.raises(ValueError, match="compile must be False, True or 'auto'"):
+        pjd.generate(model, ids, compile="yes", **kw)
+    with pytest.raises(ValueError, match="compile needs fixed shapes"):
+        pjd.generate(model, ids, compile=True, fixed_shapes=False, **kw)
+    with pytest.raises(TypeError, match="fixed_shapes must be True, False or None"):
+        pjd.generate(model, ids, fixed_shapes="yes", **kw)
+
+
+def test_coupled_draws_and_continuation_in_the_fixed_and_compiled_step(model, monkeypatch):
+    """Issue 22's options: the fixed-shape step and the compiled one (one graph, dynamo's "eager"
+    backend as above) give the dynamic step's tokens."""
+    from pjd import compiler
+
+    monkeypatch.setattr(compiler, "BACKEND", "eager")
+    for method, extra in (("sjd", dict(coupled_draws=True, continuation=True)),
+                          ("pjd", dict(context=2, coupled_draws=True)), ("pjd", dict(context=2, continuation=True))):
+        ids, kw = settings(height=4, width=6, method=method, eol_token_id=EOL, **extra)
+        dynamic = pjd.generate(model, ids, fixed_shapes=False, **kw)
+        fixed = pjd.generate(model, ids, fixed_shapes=True, **kw)
+        assert torch.equal(fixed.tokens, dynamic.tokens) and fixed.steps == dynamic.steps, (method, extra)
+    compiled = pjd.generate(model, ids, compile=True, **kw)
+    assert torch.equal(compiled.tokens, dynamic.tokens) and compiled.steps == dynamic.steps
