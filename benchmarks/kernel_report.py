@@ -12,7 +12,8 @@ real values. Registers and spills come from ptxas -v, shared memory from the com
 Fails (exit 1) on any spill, more than 255 registers, shared memory over the per-block limit, or a
 grid over CUDA's limits. Run without TRITON_INTERPRET. tests/test_dryrun.py runs the same matrix.
 
-Matrix (every value that can be 1 is among them): methods ar / sjd / sjd++ / pjd / zipar; batch
+Matrix (every value that can be 1 is among them): methods ar / sjd / sjd++ / pjd / zipar, and sjd / pjd
+with coupled draws, continuation and both (the verification kernel's constexpr variants); batch
 1, 2, 3; CFG on / off; EOL on / off; window 1 and the default; slot and append caches; head dims
 8, 16, 24, 32, 48, 64, 80, 96, 100, 128, 200, 256; fp16 / bf16 / fp32; GQA groups 1, 2, 4; split and unsplit
 attention; image vocabularies 300, 8,192, 16,384, 65,536 and 65,537.
@@ -50,14 +51,15 @@ def _model(head_dim=32, heads=2, kv_heads=1, dtype=torch.float32, layers=1):
 
 
 def _generate(model, *, method="pjd", batch=1, cfg=True, eol=False, window=None, cache="slot", seed=0,
-              fixed_shapes=None):
+              fixed_shapes=None, **options):
     import pjd
 
     ids = torch.arange(1, batch + 1)[:, None]
     uncond = torch.full((batch, 1), HI + 1) if cfg else None
     return pjd.generate(model, ids, height=HEIGHT, width=WIDTH, method=method, window=window, cache=cache,
                         image_token_range=(LO, HI), eol_token_id=EOL if eol else None, cfg_scale=3.0 if cfg else 1.0,
-                        uncond_input_ids=uncond, top_k=50, backend="triton", seed=seed, fixed_shapes=fixed_shapes)
+                        uncond_input_ids=uncond, top_k=50, backend="triton", seed=seed, fixed_shapes=fixed_shapes,
+                        **options)
 
 
 def group_generate():
@@ -70,6 +72,13 @@ def group_generate():
             _generate(model, method=method, batch=batch, cfg=cfg, eol=eol, window=window, cache=cache)
     for method, cache in (("ar", "slot"), ("pjd", "slot"), ("pjd", "append"), ("sjd", "slot")):
         _generate(model, method=method, batch=2, cache=cache, fixed_shapes=True)
+    # Coupled draws / continuation (issue 22): each kernel variant under two of the settings.
+    variants = (dict(coupled_draws=True), dict(continuation=True), dict(coupled_draws=True, continuation=True))
+    for i, options in enumerate(variants):
+        for method in ("sjd", "pjd"):
+            for batch, cfg, eol, window_one, cache in SETTINGS[i % 2::2]:
+                window = 1 if window_one else None
+                _generate(model, method=method, batch=batch, cfg=cfg, eol=eol, window=window, cache=cache, **options)
 
 
 def group_models():
@@ -108,6 +117,16 @@ def group_ops():
         for lanes in (LANES[0], LANES[-1]):
             for dtype in DTYPES:
                 run_op(verify_inputs(vocab, lanes, "cpu", dtype), "triton")
+    from verify import CFG_SCALE, SAMPLING
+
+    from pjd.ops import speculative_verify
+
+    for vocab in (300, 65_537):  # coupled draws / continuation (issue 22) on a ragged and a large vocabulary
+        x = verify_inputs(vocab, LANES[-1], "cpu", torch.bfloat16)
+        noise = torch.ones(*x["u_sample"].shape, vocab)
+        for continuation, coupled in ((True, None), (False, noise), (True, noise)):
+            speculative_verify(*x.values(), image_token_range=(0, vocab), cfg_scale=CFG_SCALE, reuse_threshold=None,
+                               continuation=continuation, coupled_noise=coupled, backend="triton", **SAMPLING)
 
 
 def group_demo():

@@ -22,6 +22,9 @@ launches, no host synchronisation, every shape fixed by the inputs:
 3. ``_next_drafts_kernel``, grid ``(B * L, W)``: next draft i of a lane: reuse test, fresh
    inverse-CDF sample, init (random / repeat_left), forced EOL, and its q row (one copy pass;
    fresh samples add one early-exit search pass). Inactive lanes copy their drafts through.
+   Variants (constexpr, compiled only when asked): CONTINUATION tests a stored draft against its
+   new target (a failing one adds the residual's two passes), COUPLED draws fresh samples by the
+   exponential race over the slot's noise row (one pass over p and the noise).
 
 Threshold search without a sort (top-k and top-p). Both filters keep the tokens whose order key
 (an int32 with the order of the fp32 value) is >= t, where t is the largest key with
@@ -72,8 +75,9 @@ GPU_TILES = (1024, 256)
 INTERPRETER_TILES = (4096, 4096)
 BLOCK_WS = (16, 64)
 # Warps per kernel. The accept kernel runs one program per lane over whole rows: 8 warps keep more
-# loads in flight (and, at BLOCK_V 1024, ptxas spills 8 bytes on sm_90 with 4).
-NUM_WARPS = {"target_probs": 4, "accept": 8, "next_drafts": 4}
+# loads in flight (and, at BLOCK_V 1024, ptxas spills 8 bytes on sm_90 with 4). The next-drafts kernel with
+# continuation (a residual draw and, coupled, the exponential race in one program) spills 8-16 bytes with 4.
+NUM_WARPS = {"target_probs": 4, "accept": 8, "next_drafts": 4, "next_drafts_continuation": 8}
 # Compile options of every launch: no FP contraction (module docstring, "Numerics").
 NUMERICS = {"enable_fp_fusion": False}
 
@@ -358,13 +362,37 @@ def _accept_kernel(
 
 
 @triton.jit
-def _fresh_or_kept(p_lane, q_lane, tokens, Total, Last, USample, lane, k, m, a, rejected,
-                   window, vocab, lo, reuse_threshold, BLOCK_V: tl.constexpr):
+def _exp_race(Prow, Erow, n, BLOCK: tl.constexpr):
+    """pjd.sampling.sample_coupled on one row: the first i minimising E[i] / p[i] over p[i] > 0
+    (IEEE division, as torch); 0 if no ratio is finite (torch's argmin of all-inf)."""
+    best = tl.full([], float("inf"), tl.float32)
+    best_i = tl.full([], 0, tl.int32)
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        valid = offs < n
+        p = tl.load(Prow + offs, mask=valid, other=0.0)
+        e = tl.load(Erow + offs, mask=valid, other=0.0)
+        r = tl.where(valid & (p > 0.0), tl.math.div_rn(e, tl.where(p > 0.0, p, 1.0)), float("inf"))
+        block_min, block_i = tl.min(r, axis=0, return_indices=True, return_indices_tie_break_left=True)
+        block_i += start
+        take = block_min < best  # strict: an earlier block wins ties, as argmin's first index
+        best_i = tl.where(take, block_i, best_i)
+        best = tl.where(take, block_min, best)
+    return best_i
+
+
+@triton.jit
+def _fresh_or_kept(p_lane, q_lane, tokens, Total, Last, UAccept, USample, Noise, lane, k, m, a, rejected,
+                   slot, window, vocab, lo, eol, row_slots, width, reuse_threshold,
+                   BLOCK_V: tl.constexpr, CONTINUATION: tl.constexpr, COUPLED: tl.constexpr):
     """Draft at lane offset k <= max(m, W - 1) (not init, not forced): (fresh, token).
 
     Kept (old draft and q) when reuse is on, there is a stored draft (k < W), it is not the rejected
-    draft and p(d) > thr * q(d); else, if the slot has a target this step (k <= m), a fresh
-    inverse-CDF sample of p_k (always at k = W = m, right after a full window).
+    draft and p(d) > thr * q(d); else, if the slot has a target this step (k <= m), a fresh sample
+    of p_k (always at k = W = m, right after a full window): the exponential race on the slot's
+    coupled noise (COUPLED) or an inverse-CDF draw. With CONTINUATION (reuse off) a stored draft
+    with a target is tested as verification tests it (u_accept[k]): kept if it passes, else an
+    inverse-CDF draw of max(p_k - q_k, 0); its q becomes p_k either way (fresh).
     """
     num_slots = window + 1
     has_target = k <= m
@@ -378,19 +406,38 @@ def _fresh_or_kept(p_lane, q_lane, tokens, Total, Last, USample, lane, k, m, a, 
     token = old
     if fresh:
         row = lane * num_slots + k
-        u = tl.load(USample + row)
-        token = (_inverse_cdf(p_lane + k.to(tl.int64) * vocab, p_lane, 0, vocab, u,
-                              tl.load(Total + row), tl.load(Last + row), BLOCK_V) + lo).to(tl.int64)
+        p_row = p_lane + k.to(tl.int64) * vocab
+        q_row = q_lane + k.to(tl.int64) * vocab
+        draw = tl.full([], 1, tl.int1)
+        if CONTINUATION:
+            if stored:  # continuation: the draft is tested; a failing one is redrawn from the residual
+                draw = tl.full([], 0, tl.int1)
+                u = tl.load(UAccept + lane * window + k)
+                if ~(_forced(slot, k, eol, row_slots, width) | (u * q_old < p_old)):
+                    r_total, r_last = _residual_stats(p_row, q_row, vocab, BLOCK_V)
+                    use_q = r_total > 0.0  # no residual mass: sample p itself, as the reference
+                    total = tl.where(use_q, r_total, tl.load(Total + row))
+                    last = tl.where(use_q, r_last, tl.load(Last + row))
+                    index = _inverse_cdf(p_row, q_row, use_q.to(tl.int32), vocab, tl.load(USample + row), total, last,
+                                         BLOCK_V)
+                    token = (index + lo).to(tl.int64)
+        if draw:  # a fresh sample of p_k
+            if COUPLED:
+                index = _exp_race(p_row, Noise + row.to(tl.int64) * vocab, vocab, BLOCK_V)
+            else:
+                index = _inverse_cdf(p_row, p_lane, 0, vocab, tl.load(USample + row), tl.load(Total + row),
+                                     tl.load(Last + row), BLOCK_V)
+            token = (index + lo).to(tl.int64)
     return fresh, token
 
 
 @triton.jit
 def _next_drafts_kernel(
-    P, Total, Last, DraftTokens, DraftQ, USample, InitTokens,
+    P, Total, Last, DraftTokens, DraftQ, UAccept, USample, Noise, InitTokens,
     LaneStart, LaneDrafts, LaneSlot, LaneInvalid, NumAccepted, NumCommit, CommitTokens,
     NextTokens, NextQ,
     window, vocab, lo, eol, row_slots, width, reuse_threshold, repeat_left,
-    BLOCK_V: tl.constexpr,
+    BLOCK_V: tl.constexpr, CONTINUATION: tl.constexpr, COUPLED: tl.constexpr,
 ):
     """Program (lane, i): next draft i of the lane (slot n' + i) and its q row. Grid (B * L, W).
 
@@ -408,6 +455,7 @@ def _next_drafts_kernel(
     src = q_lane + i.to(tl.int64) * vocab
     copy_len = vocab  # elements of src copied: vocab, or 0 (one-hot / zeros)
     hot = tl.full([], -1, tl.int32)
+    slot = tl.load(LaneSlot + lane)
     if (start < 0) | (tl.load(LaneInvalid + lane) != 0):  # inactive or invalid lane: keep draft and q
         token = tl.load(tokens + i)
     else:
@@ -423,21 +471,23 @@ def _next_drafts_kernel(
                 # Every init slot copies the last non-init token on its left (slot last_set if
                 # not committed, else the last committed token), unless that is no image token.
                 if num_commit <= last_set:
-                    _, left = _fresh_or_kept(p_lane, q_lane, tokens, Total, Last, USample, lane, last_set, m,
-                                             a, rejected, window, vocab, lo, reuse_threshold, BLOCK_V)
+                    _, left = _fresh_or_kept(p_lane, q_lane, tokens, Total, Last, UAccept, USample, Noise, lane,
+                                             last_set, m, a, rejected, slot, window, vocab, lo, eol, row_slots,
+                                             width, reuse_threshold, BLOCK_V, CONTINUATION, COUPLED)
                 else:
                     left = tl.load(CommitTokens + lane * num_slots + num_commit - 1)
                 token = tl.where((left >= lo) & (left < lo + vocab), left, token)
             copy_len = 0
             hot = tl.minimum(tl.maximum(token - lo, 0), vocab - 1).to(tl.int32)
         else:
-            fresh, token = _fresh_or_kept(p_lane, q_lane, tokens, Total, Last, USample, lane, k, m, a,
-                                          rejected, window, vocab, lo, reuse_threshold, BLOCK_V)
+            fresh, token = _fresh_or_kept(p_lane, q_lane, tokens, Total, Last, UAccept, USample, Noise, lane, k,
+                                          m, a, rejected, slot, window, vocab, lo, eol, row_slots, width,
+                                          reuse_threshold, BLOCK_V, CONTINUATION, COUPLED)
             if fresh:
                 src = p_lane + k.to(tl.int64) * vocab
             else:
                 src = q_lane + k.to(tl.int64) * vocab
-        if _forced(tl.load(LaneSlot + lane), k, eol, row_slots, width):
+        if _forced(slot, k, eol, row_slots, width):
             token = tl.full([], 0, tl.int64) + eol
             copy_len = 0
             hot = tl.full([], -1, tl.int32)
@@ -470,7 +520,7 @@ def speculative_verify_triton(
     logits, lane_start, lane_drafts, lane_rule, lane_slot, lane_room,
     draft_tokens, draft_q, u_accept, u_sample, init_tokens,
     cfg_scale, image_token_range, temperature, top_k, top_p, reuse_threshold, draft_init,
-    eol_token_id, row_slots, width, *, tiles=None,
+    eol_token_id, row_slots, width, continuation=False, coupled_noise=None, *, tiles=None,
 ):
     """Triton implementation of ``pjd.ops.speculative_verify`` (same positional arguments as
     ``speculative_verify_reference``; reuse_threshold < 0 = off, eol_token_id < 0 = no EOL).
@@ -479,6 +529,7 @@ def speculative_verify_triton(
         logits: ``[B or 2B, N, V]`` fp32 / fp16 / bf16 (rows [B, 2B) unconditional with CFG).
         lane_*: int32 ``[B, L]``; draft_tokens, init_tokens: int64 ``[B, L, W]``;
         draft_q: fp32 ``[B, L, W, Vi]``; u_accept fp32 ``[B, L, W]``; u_sample fp32 ``[B, L, W+1]``.
+        continuation: bool; coupled_noise: fp32 ``[B, L, W+1, Vi]`` or None (the reference's rules).
         tiles: ``(BLOCK_V, BLOCK_S)`` override (tests); default GPU_TILES, or INTERPRETER_TILES
             under TRITON_INTERPRET.
 
@@ -500,6 +551,10 @@ def speculative_verify_triton(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if not 0.0 < top_p <= 1.0:  # the threshold search needs a positive target
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if continuation and reuse_threshold >= 0:
+        raise ValueError(f"continuation replaces draft reuse: reuse_threshold must be off, got {reuse_threshold}")
+    if coupled_noise is not None and tuple(coupled_noise.shape) != (B, L, W + 1, vocab):
+        raise ValueError(f"coupled_noise must have shape {[B, L, W + 1, vocab]}, got {list(coupled_noise.shape)}")
     block_w = _block_w(W)
     block_v, block_s = tiles or (INTERPRETER_TILES if INTERPRETING else GPU_TILES)
     device = draft_tokens.device
@@ -509,6 +564,8 @@ def speculative_verify_triton(
         t.to(torch.int32).contiguous() for t in (lane_start, lane_drafts, lane_rule, lane_slot, lane_room))
     draft_tokens, init_tokens = draft_tokens.contiguous(), init_tokens.contiguous()
     draft_q, u_accept, u_sample = (t.float().contiguous() for t in (draft_q, u_accept, u_sample))
+    if coupled_noise is not None:
+        coupled_noise = coupled_noise.float().contiguous()
 
     num_accepted = torch.empty((B, L), dtype=torch.int32, device=device)
     num_commit = torch.empty_like(num_accepted)
@@ -543,11 +600,13 @@ def speculative_verify_triton(
             BLOCK_W=block_w, BLOCK_V=block_v, num_warps=NUM_WARPS["accept"], **NUMERICS,
         )
         _next_drafts_kernel[(B * L, W)](
-            p, total, last, draft_tokens, draft_q, u_sample, init_tokens,
+            p, total, last, draft_tokens, draft_q, u_accept, u_sample,
+            p if coupled_noise is None else coupled_noise, init_tokens,
             lane_start, lane_drafts, lane_slot, invalid, num_accepted, num_commit, commit_tokens,
             next_tokens, next_q,
             W, vocab, lo, eol, row_slots, int(width), float(reuse_threshold), int(draft_init == "repeat_left"),
-            BLOCK_V=block_v, num_warps=NUM_WARPS["next_drafts"], **NUMERICS,
+            BLOCK_V=block_v, CONTINUATION=bool(continuation), COUPLED=coupled_noise is not None,
+            num_warps=NUM_WARPS["next_drafts_continuation" if continuation else "next_drafts"], **NUMERICS,
         )
     return num_accepted, num_commit, commit_tokens, next_tokens, next_q, invalid.bool()
 

@@ -18,6 +18,7 @@ from pjd.ops._checks import MIN_TEMPERATURE, finite
 from pjd.rng import check_seed
 
 REUSE_AUTO = "auto"  # reuse_threshold default: 0.5 for pjd and sjd++, no reuse elsewhere
+EXACT_DRAFT_METHODS = ("sjd", "pjd")  # methods taking coupled_draws / continuation (docs/decisions.md, issue 22)
 
 
 def integer(name: str, value, *, optional: bool = False) -> None:
@@ -32,7 +33,7 @@ def flag(name: str, value) -> None:
 
 def check_settings(*, method, height, width, window, context, top_k, top_p, temperature, cfg_scale,
                    image_token_range, eol_token_id, draft_init, reuse_threshold, generator, seed, progress,
-                   row_causal) -> None:
+                   row_causal, coupled_draws=False, continuation=False) -> None:
     """Kinds of every scalar setting, the temperature floor, and settings the method does not use."""
     for name, value in (("height", height), ("width", width), ("top_k", top_k)):
         integer(name, value)
@@ -52,6 +53,8 @@ def check_settings(*, method, height, width, window, context, top_k, top_p, temp
             integer("image_token_range", bound)
     flag("progress", progress)
     flag("row_causal", row_causal)
+    flag("coupled_draws", coupled_draws)
+    flag("continuation", continuation)
     if generator is not None:  # deprecated (generate warns): a seed is drawn from it
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a CPU torch.Generator or None, got {type(generator).__name__}")
@@ -68,6 +71,14 @@ def check_settings(*, method, height, width, window, context, top_k, top_p, temp
                              f"{method!r} (leave it at {REUSE_AUTO!r})")
     if draft_init != "random" and method in ("ar", "zipar"):
         raise ValueError(f"draft_init={draft_init!r} does not apply to method={method!r}, which feeds no drafts")
+    for name, on in (("coupled_draws", coupled_draws), ("continuation", continuation)):
+        if on and method not in EXACT_DRAFT_METHODS:
+            raise ValueError(f"{name}=True applies to the methods {EXACT_DRAFT_METHODS} (exact drafts, no reuse), not "
+                             f"{method!r}" + (": sjd++'s draft reuse is not exact; use method='sjd'"
+                                              if method == "sjd++" else ""))
+        if on and method == "pjd" and reuse_threshold is not None and reuse_threshold != REUSE_AUTO:
+            raise ValueError(f"{name}=True replaces pjd's draft reuse (reuse_threshold becomes None), got "
+                             f"reuse_threshold={reuse_threshold!r}")
     if not row_causal and method != "pjd":
         raise ValueError(f"row_causal=False (the row-causal mask ablation) applies to method='pjd' only, "
                          f"not {method!r}")

@@ -106,8 +106,8 @@ def generate(model, input_ids, *, height, width, method="pjd", window=None, cont
              top_p=1.0, temperature=1.0, cfg_scale=1.0, uncond_input_ids=None, attention_mask=None,
              uncond_attention_mask=None, image_token_range=None, eol_token_id=None, draft_init="random",
              reuse_threshold="auto", cache="slot", backend="auto", generator=None, seed=None, progress=False,
-             row_causal=True, row0_first="auto", row_lead="row_end", image_index=None, compile=False,
-             fixed_shapes=None) -> GenerationResult:
+             row_causal=True, row0_first="auto", row_lead="row_end", image_index=None, coupled_draws=False,
+             continuation=False, compile=False, fixed_shapes=None) -> GenerationResult:
     """Generate a height x width grid of image tokens per prompt.
 
     Args:
@@ -116,7 +116,8 @@ def generate(model, input_ids, *, height, width, method="pjd", window=None, cont
             ``attention_mask`` ``[B, P]`` (1 = real token). Image token (r, c) takes the position
             ``P_real + r * row_slots + c`` exactly as in plain AR generation.
         method: "ar" | "sjd" | "sjd++" | "pjd" | "zipar". window: drafts per lane (sjd 15, pjd 7).
-        context: committed tokens of row r that activate row r+1 (pjd/zipar; default round(width/4)).
+        context: committed tokens of row r that activate row r+1 (pjd: default round(width/8),
+            zipar: round(width/4); at least 1).
         row0_first: True decodes row 0 completely before row 1 activates (pjd/zipar; "auto": True
             without EOL, where every fresh row then has a complete row to lead from, False with EOL).
         row_lead: without EOL, what a fresh row leads with while the row above is unfinished (a
@@ -140,6 +141,13 @@ def generate(model, input_ids, *, height, width, method="pjd", window=None, cont
             ``arange(B)``); pass the indices of the images a batch holds when splitting a run.
         generator: deprecated (DeprecationWarning); a seed is drawn from this CPU torch.Generator.
         row_causal: False lets drafts see other rows' drafts (the paper's ablation; pjd only).
+        coupled_draws: SCD's coupled draws (sjd, pjd): a fresh draft of image slot s is the
+            exponential race on noise keyed by (seed, image, s), the same at every step, so a slot
+            redrawn from a similar distribution repeats its draft. Exact (docs/design.md §1.4).
+        continuation: SJD-PAC's adaptive continuation (sjd, pjd): drafts after the first rejection
+            keep being verified against this step's (stale) targets; a passing draft stays, a
+            failing one is replaced by a residual sample. Commits are unchanged. Exact.
+            Both replace pjd's draft reuse (its reuse_threshold becomes None).
         fixed_shapes: the step's shapes fixed for the whole decode (inputs padded to a bucket,
             attention over the whole preallocated cache) and nothing read back from the device but
             a few flags every few steps; False: each step packs exactly its inputs and reads its
@@ -149,9 +157,9 @@ def generate(model, input_ids, *, height, width, method="pjd", window=None, cont
             verification, commit) compiled whole with fixed shapes: on CUDA captured once as a CUDA
             graph and replayed, on a CPU through torch.compile (inductor). Paid once per model and
             shape (cached across calls; ``GenerationResult.compile_seconds``, apart from the wall
-            time); tokens equal eager's. True raises where it cannot run; "auto" compiles on CUDA and
-            runs eager elsewhere, with a one-time warning saying why (on a CPU the compiled step
-            measured slower than the eager dynamic one: docs/performance.md).
+            time); tokens equal eager's. True raises where it cannot run; "auto" compiles on CUDA and,
+            on a CPU, ar / sjd / sjd++ (pjd and zipar measured slower there once padded to a fixed
+            shape: docs/performance.md), and runs eager elsewhere with a one-time warning saying why.
 
     Every argument is checked before any decoding work (TypeError / ValueError naming it); the call
     runs under ``torch.no_grad()``. A model emitting NaN / +inf logits, or -inf for every image
@@ -162,7 +170,7 @@ def generate(model, input_ids, *, height, width, method="pjd", window=None, cont
                            top_p=top_p, temperature=temperature, cfg_scale=cfg_scale,
                            image_token_range=image_token_range, eol_token_id=eol_token_id, draft_init=draft_init,
                            reuse_threshold=reuse_threshold, generator=generator, seed=seed, progress=progress,
-                           row_causal=row_causal)
+                           row_causal=row_causal, coupled_draws=coupled_draws, continuation=continuation)
     prompt_len = _checks.check_prompts(adapter, input_ids, attention_mask, uncond_input_ids, uncond_attention_mask,
                                        cfg_scale)
     _checks.check_positions(adapter, prompt_len, height, width, eol_token_id)
@@ -170,11 +178,12 @@ def generate(model, input_ids, *, height, width, method="pjd", window=None, cont
                      top_k=top_k, top_p=top_p, temperature=temperature, cfg_scale=cfg_scale,
                      image_token_range=image_token_range, eol_token_id=eol_token_id, draft_init=draft_init,
                      reuse_threshold=reuse_threshold, cache=cache, vocab_size=adapter.vocab_size,
-                     row_causal=row_causal, row0_first=row0_first, row_lead=row_lead)
+                     row_causal=row_causal, row0_first=row0_first, row_lead=row_lead, coupled_draws=coupled_draws,
+                     continuation=continuation)
     # Fail before any work if the backend cannot run here; auto leaves the kernels for shapes they cannot serve.
     backend = resolve_backend(backend, adapter.device, lambda: triton_unsupported(
         ("draft_attention", adapter.head_dim, adapter.dtype), ("speculative_verify", plan.window, adapter.dtype)))
-    compiled = compiler.mode(compile, adapter, backend)
+    compiled = compiler.mode(compile, adapter, backend, plan)
     if fixed_shapes is None:
         fixed_shapes = adapter.device.type == "cuda" or bool(compiled)
     elif not isinstance(fixed_shapes, bool):
@@ -608,11 +617,14 @@ class _Decoder:
             order = order[:, :step.fed_lanes]
             lane = [x.gather(1, order.view(B, -1, *(1,) * (x.dim() - 2)).expand(-1, -1, *x.shape[2:]))
                     for x in lane]
+        # Coupled draws: noise of the slots n .. n+W of the lanes verified, keyed by slot (pjd.rng).
+        noise = self.draws.coupled(lane[3], W + 1) if plan.coupled_draws else None
         verdict = speculative_verify(
             logits, *lane,
             image_token_range=(plan.lo, plan.hi), cfg_scale=self.cfg_scale, reuse_threshold=plan.reuse_threshold,
             draft_init=self.draft_init, eol_token_id=plan.eol_token_id, row_slots=plan.row_slots,
-            width=plan.width, backend=self.backend, validate=False, **self.sampling,
+            width=plan.width, continuation=plan.continuation, coupled_noise=noise, backend=self.backend,
+            validate=False, **self.sampling,
         )
         if not compact:
             return verdict

@@ -15,6 +15,14 @@ from pjd._choices import CACHES, METHODS, ROW_LEADS
 
 DEFAULT_WINDOW = {"ar": 0, "sjd": 15, "sjd++": 15, "pjd": 7, "zipar": 0}
 DEFAULT_REUSE_THRESHOLD = 0.5  # reuse_threshold="auto" for pjd and sjd++
+# context=None: round(width * this), at least 1 (measured on the embedded model, issue 21: pjd keeps
+# ar's FID and class accuracy down to c = 2 of 16 with row 0 first; zipar, one token per row and
+# step, loses quality below c = width / 4).
+DEFAULT_CONTEXT_FRACTION = {"pjd": 1 / 8, "zipar": 1 / 4}
+# Leading token of a fresh row whose row above is unfinished (no EOL; DESIGN.md §1.1), from the row
+# whose last committed token is copied: "row_end" the lowest complete row (a token that really ends a
+# row), "above" the row above (a mid-row token), "two_above" row r-2 (official ZipAR's copy).
+ROW_LEADS = ("row_end", "above", "two_above")
 
 
 @dataclass(frozen=True)
@@ -34,6 +42,8 @@ class DecodePlan:
     row_causal: bool
     lane_base: tuple[int, ...]   # image-slot index of each lane's first slot
     lane_len: tuple[int, ...]
+    coupled_draws: bool = False  # SCD: fresh drafts by the exponential race on per-slot noise
+    continuation: bool = False   # SJD-PAC: drafts after the first rejection keep being verified
 
     @property
     def num_lanes(self) -> int:
@@ -75,7 +85,8 @@ def _positive_int(name, value):
 
 def make_plan(*, method, height, width, window, context, top_k, top_p, temperature, cfg_scale,
               image_token_range, eol_token_id, draft_init, reuse_threshold, cache, vocab_size,
-              row_causal, row0_first="auto", row_lead="row_end") -> DecodePlan:
+              row_causal, row0_first="auto", row_lead="row_end", coupled_draws=False,
+              continuation=False) -> DecodePlan:
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     _positive_int("height", height)
@@ -111,13 +122,20 @@ def make_plan(*, method, height, width, window, context, top_k, top_p, temperatu
         _positive_int("window", window)
     if method in ("pjd", "zipar"):
         if context is None:
-            context = max(1, round(width / 4))
+            context = max(1, round(width * DEFAULT_CONTEXT_FRACTION[method]))
         _positive_int("context", context)
         context = min(context, width)
     elif context is not None:
         raise ValueError(f"context applies to the row-parallel methods 'pjd' and 'zipar', not {method!r}")
     else:
         context = width
+    if coupled_draws or continuation:
+        if method not in ("sjd", "pjd"):
+            raise ValueError(f"coupled_draws / continuation apply to 'sjd' and 'pjd' (exact drafts), not {method!r}")
+        if reuse_threshold not in (None, "auto"):
+            raise ValueError(f"coupled_draws / continuation replace draft reuse: reuse_threshold must be None or "
+                             f"'auto', got {reuse_threshold!r}")
+        reuse_threshold = None  # reuse keeps a draft with its old q after a test on it: not exact
     if row_lead not in ROW_LEADS:
         raise ValueError(f"row_lead must be one of {ROW_LEADS}, got {row_lead!r}")
     if row_lead != ROW_LEADS[0] and method not in ("pjd", "zipar"):
@@ -148,5 +166,5 @@ def make_plan(*, method, height, width, window, context, top_k, top_p, temperatu
     window = min(window, max(lane_len))
     return DecodePlan(method, height, width, row_slots, eol_token_id, lo, hi, window, context, row0_first, row_lead,
                       None if reuse_threshold is None else float(reuse_threshold), bool(row_causal),
-                      lane_base, lane_len)
+                      lane_base, lane_len, bool(coupled_draws), bool(continuation))
 

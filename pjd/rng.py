@@ -20,7 +20,10 @@ of tensor ops with no host synchronisation and no per-image loop.
 How the engine numbers the counter ``c`` of an image: ``c = (step * L + lane) * (3W + 1) + d``, with
 ``L`` lanes of ``W`` drafts; ``d < W`` acceptance uniforms, ``W <= d < 2W + 1`` sampling uniforms,
 ``2W + 1 <= d`` uniform draft tokens. Step 0 holds the initial drafts; decoding steps count from 1.
-Every image of a ``pjd.generate`` call starts at step 0 together and keeps its own lane frontiers,
+Coupled draws (``coupled_draws=True``, SCD) are keyed by position instead of step: the exponential
+variate of image token ``v`` (``v < Vi = hi - lo``) at image slot ``s`` is ``-log(1 - u)`` of the
+draw with counter ``c = -1 - (s * Vi + v)`` (negative counters: disjoint from the step counters), so a
+slot sees the same noise at every step. Every image of a ``pjd.generate`` call starts at step 0 together and keeps its own lane frontiers,
 so the draws an image consumes at its step t do not depend on the other images.
 """
 from __future__ import annotations
@@ -113,7 +116,8 @@ class DrawStream:
         self.per_step = lanes * per_lane
         counters = torch.arange(self.per_step, device=image_index.device).view(lanes, per_lane)
         # keys + (c + 1) * GAMMA for step 0; step t adds t * per_step * GAMMA (one add per step).
-        self.base = image_keys(seed, image_index)[:, None, None] + (counters + 1) * _i64(GAMMA)
+        self.keys = image_keys(seed, image_index)
+        self.base = self.keys[:, None, None] + (counters + 1) * _i64(GAMMA)
 
     def step(self, t: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Draws of step ``t`` (an int, or an int64 0-d tensor on the stream's device: the fixed-shape
@@ -135,3 +139,14 @@ class DrawStream:
         if isinstance(t, torch.Tensor):  # wrapping int64 multiply: the same offsets modulo 2**64
             return to_uniform(mix64(base + t.long()[:, None, None] * _i64(self.per_step * GAMMA)))
         return to_uniform(mix64(base + _i64(t * self.per_step * GAMMA)))
+
+    def coupled(self, slots: torch.Tensor, num_slots: int) -> torch.Tensor:
+        """Coupled draws (module docstring): float32 ``[B, A, num_slots, Vi]`` exponential variates
+        (rate 1) of image slots ``slots[b, a] + k``, ``k < num_slots``, for every image token.
+        ``slots``: int ``[B, A]`` image-slot indices. The same slot gives the same noise at every step,
+        whatever lane or batch holds it."""
+        vocab = self.hi - self.lo
+        s = slots.long()[..., None, None] + torch.arange(num_slots, device=slots.device)[:, None]
+        index = s * vocab + torch.arange(vocab, device=slots.device)  # c = -1 - index: c + 1 = -index
+        u = to_uniform(mix64(self.keys[:, None, None, None] - index * _i64(GAMMA)))
+        return -torch.log1p(-u)

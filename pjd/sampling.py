@@ -7,6 +7,9 @@ Filters use threshold semantics so that any implementation (sort-free kernels in
   tokens with probability >= t hold at least `top_p` of the mass (again ties kept).
 Sampling is by inverse CDF with one uniform per draw: the first token whose running sum exceeds
 u * total. One uniform per draw is what lets the orchestrator draw all randomness up front.
+Coupled draws (SCD) use the exponential race instead, one exponential variate per token:
+argmin_v E_v / p_v is a sample of p (Gumbel-max, as -log E_v is Gumbel), and the same E makes
+nearby distributions give the same token.
 """
 from __future__ import annotations
 
@@ -86,3 +89,14 @@ def sample_inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     # Rounding can put the target at the very top; take the last index with mass then.
     last_nonzero = (probs > 0).cumsum(-1).argmax(-1)
     return torch.minimum(idx, last_nonzero)
+
+
+def sample_coupled(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Draw one index per distribution by the exponential race: the first i minimising noise[i] / probs[i]
+    over probs > 0 (a sample of normalize(probs) when noise holds i.i.d. rate-1 exponentials).
+
+    probs ``[..., V]`` non-negative (need not be normalised), noise ``[..., V]`` >= 0 -> int64 ``[...]``.
+    Zero-probability indices never win. The division is IEEE fp32, as the kernels' ``div_rn``.
+    """
+    ratio = torch.where(probs > 0, noise / probs, float("inf"))
+    return ratio.argmin(-1)

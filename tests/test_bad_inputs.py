@@ -95,6 +95,11 @@ GENERATE_CASES = [
     (dict(reuse_threshold=0.3, method="sjd"), ValueError, "reuse_threshold"),
     (dict(reuse_threshold=float("nan"), method="sjd"), ValueError, "reuse_threshold"),
     (dict(reuse_threshold="high", method="pjd"), TypeError, "reuse_threshold"),
+    (dict(coupled_draws="yes"), TypeError, "coupled_draws"),
+    (dict(continuation=1), TypeError, "continuation"),
+    (dict(coupled_draws=True, method="sjd++"), ValueError, "sjd\\+\\+'s draft reuse is not exact"),
+    (dict(continuation=True, method="ar"), ValueError, "continuation"),
+    (dict(continuation=True, method="pjd", reuse_threshold=0.5), ValueError, "replaces pjd's draft reuse"),
     (dict(row_causal="no"), TypeError, "row_causal"),
     (dict(row_causal=False, method="sjd"), ValueError, "row_causal"),
     (dict(row0_first="yes", method="pjd"), TypeError, "row0_first"),
@@ -327,6 +332,7 @@ TRITON_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_non_finite_logits_triton_interpreter():
     """The Triton kernels flag the same lanes as the reference; generate(backend="triton") raises."""
     import json

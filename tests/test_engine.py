@@ -157,7 +157,10 @@ def test_row_causal_ablation_changes_the_mask(model):
 
 @pytest.mark.parametrize("eol", [None, EOL])
 @pytest.mark.parametrize("method,extra", [("ar", {}), ("sjd", {}), ("sjd++", {}), ("zipar", {}),
-                                          ("pjd", dict(context=2)), ("pjd", dict(context=1, draft_init="repeat_left"))])
+                                          ("pjd", dict(context=2)), ("pjd", dict(context=1, draft_init="repeat_left")),
+                                          ("sjd", dict(coupled_draws=True, continuation=True)),
+                                          ("pjd", dict(context=1, coupled_draws=True, draft_init="repeat_left")),
+                                          ("pjd", dict(context=2, continuation=True))])
 def test_sdpa_path_gives_the_reference_tokens(model, eol, method, extra):
     """Same seed, same tokens, steps and per-step commits: sampled, CFG, left padding, a ragged batch."""
     ids = prompts(3, length=4, seed=5)
@@ -237,3 +240,31 @@ def test_no_eol_scaffold_is_fixed_from_activation_until_the_row_above_completes(
     # The case must move the scaffold's source while a row still leads with its scaffold (where
     # re-copying it every step would differ).
     assert moved >= 1, (moved, seen)
+
+
+def test_rows_that_never_start_early_ignore_the_lead_rule_and_row0_first(model):
+    """With context = width a row starts only once the row above is complete: no scaffold ever leads
+    and row 0 is first anyway, so row_lead and row0_first change no token (Table 1's pjd c = width
+    row is reused across the issue-21 change on this ground)."""
+    ids = prompts(2, seed=5)
+    kw = dict(method="pjd", height=4, width=5, context=5, top_k=6, seed=7)
+    base = run(model, ids, row_lead="above", row0_first=False, **kw)
+    for lead in ("row_end", "two_above"):
+        for first in (True, False):
+            out = run(model, ids, row_lead=lead, row0_first=first, **kw)
+            assert torch.equal(out.tokens, base.tokens) and torch.equal(out.steps_per_image, base.steps_per_image)
+    early = run(model, ids, **{**kw, "context": 1})  # the rule does matter once rows start early
+    assert not torch.equal(early.tokens, run(model, ids, row_lead="above", row0_first=False, **{**kw, "context": 1}).tokens)
+
+
+@pytest.mark.parametrize("extra", [dict(coupled_draws=True), dict(continuation=True),
+                                   dict(coupled_draws=True, continuation=True)])
+def test_coupled_draws_and_continuation_greedy_equal_ar(model, extra):
+    """Issue 22's options keep sjd and pjd (context = width) exact: greedy, they equal ar token for token."""
+    ids = prompts(2)
+    kw = dict(height=4, width=5, top_k=1, eol_token_id=EOL, **cfg_args(ids))
+    ar = run(model, ids, method="ar", **kw)
+    for method, more in (("sjd", {}), ("pjd", dict(context=5))):
+        out = run(model, ids, method=method, **more, **extra, **kw)
+        assert torch.equal(out.tokens, ar.tokens), method
+        assert out.steps < ar.steps

@@ -200,24 +200,28 @@ def test_table1_rows_on_a_fixture_model(trained_assets, tmp_path, compile_on_fir
     from pjd.models import default
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    from _table1 import markdown, run_table1, table1_rows
+    from _table1 import markdown, row_name, run_table1, table1_rows
 
-    assert [m for m, _ in table1_rows(16)] == ["ar", "sjd", "sjd++", "zipar", "pjd", "pjd", "pjd", "pjd"]
-    assert [kw["context"] for m, kw in table1_rows(16) if m == "pjd"] == [4, 2, 8, 16]  # default c first
+    assert [row_name(m, kw) for m, kw in table1_rows(16)] == [
+        "ar", "sjd", "sjd+coupled", "sjd+continuation", "sjd+coupled+continuation", "sjd++", "zipar",
+        "pjd", "pjd", "pjd", "pjd"]
+    assert [kw["context"] for m, kw in table1_rows(16) if m == "pjd"] == [2, 4, 8, 16]  # default c first
     dm = default(assets=trained_assets)
     rows = run_table1(dm, samples=20, batch=10, cfg_scale=2.0, seed=0, out=tmp_path, device="cpu",
-                      methods=["ar", "zipar"])
-    assert [r["method"] for r in rows] == ["ar", "zipar"]
-    ar, zipar = rows
+                      methods=["ar", "zipar", "sjd+continuation"])
+    assert [r["method"] for r in rows] == ["ar", "sjd+continuation", "zipar"]
+    ar, continued, zipar = rows
+    assert continued["continuation"] and 1 < continued["step_compression"]
     assert ar["steps_per_image"] == 256 and ar["step_compression"] == 1.0 and ar["speedup"] == 1.0
     assert zipar["step_compression"] > 1 and zipar["context"] == 4 and zipar["samples"] == 20
     for r in rows:
         assert r["fid_ci"][0] <= r["fid_ci"][1] and 0 <= r["class_accuracy"] <= 1
     written = json.loads((tmp_path / "table1.json").read_text())
-    assert len(written["rows"]) == 2
+    assert len(written["rows"]) == 3
     # Wall seconds count warmed-up decodes only: one untimed call per row, not per chunk (seeds differ).
     assert all(0 < r["seconds"] < compile_on_first_call for r in rows)
-    assert [(w["method"], w["args"][1]["shape"]) for w in written["warm_up"]] == [("ar", [10, 1]), ("zipar", [10, 1])]
+    assert [(w["method"], w["args"][1]["shape"]) for w in written["warm_up"]] == [
+        ("ar", [10, 1]), ("sjd", [10, 1]), ("zipar", [10, 1])]
     assert markdown(rows, "cpu").count("\n") == 2 + len(rows)
     with pytest.raises(ValueError, match="samples"):
         run_table1(dm, samples=15, batch=10, cfg_scale=2.0, seed=0, out=tmp_path, device="cpu")

@@ -163,15 +163,32 @@ def test_compiled_step_is_one_graph_with_the_eager_tokens(model, monkeypatch):
 
 
 def test_compile_argument(model):
-    ids, kw = settings(height=2, width=3, method="ar")
     from pjd import compiler
 
     compiler._warned.clear()
-    with pytest.warns(RuntimeWarning, match="compile='auto' runs the step eagerly: on a CPU the compiled"):
+    ids, kw = settings(height=2, width=3, method="pjd")
+    with pytest.warns(RuntimeWarning, match="compile='auto' runs the step eagerly: on a CPU the compiled pjd"):
         assert pjd.generate(model, ids, compile="auto", **kw).compiled == ""
+    ids, kw = settings(height=2, width=3, method="ar")
     with pytest.raises(ValueError, match="compile must be False, True or 'auto'"):
         pjd.generate(model, ids, compile="yes", **kw)
     with pytest.raises(ValueError, match="compile needs fixed shapes"):
         pjd.generate(model, ids, compile=True, fixed_shapes=False, **kw)
     with pytest.raises(TypeError, match="fixed_shapes must be True, False or None"):
         pjd.generate(model, ids, fixed_shapes="yes", **kw)
+
+
+def test_coupled_draws_and_continuation_in_the_fixed_and_compiled_step(model, monkeypatch):
+    """Issue 22's options: the fixed-shape step and the compiled one (one graph, dynamo's "eager"
+    backend as above) give the dynamic step's tokens."""
+    from pjd import compiler
+
+    monkeypatch.setattr(compiler, "BACKEND", "eager")
+    for method, extra in (("sjd", dict(coupled_draws=True, continuation=True)),
+                          ("pjd", dict(context=2, coupled_draws=True)), ("pjd", dict(context=2, continuation=True))):
+        ids, kw = settings(height=4, width=6, method=method, eol_token_id=EOL, **extra)
+        dynamic = pjd.generate(model, ids, fixed_shapes=False, **kw)
+        fixed = pjd.generate(model, ids, fixed_shapes=True, **kw)
+        assert torch.equal(fixed.tokens, dynamic.tokens) and fixed.steps == dynamic.steps, (method, extra)
+    compiled = pjd.generate(model, ids, compile=True, **kw)
+    assert torch.equal(compiled.tokens, dynamic.tokens) and compiled.steps == dynamic.steps

@@ -1,4 +1,5 @@
-"""Losslessness: sjd (and pjd with context >= width, no reuse) sample exactly the AR distribution.
+"""Losslessness: sjd (and pjd with context >= width, no reuse), with or without coupled draws and
+continuation, sample exactly the AR distribution.
 
 A tiny model with peaked, context-dependent distributions over 3 image tokens and a 2x3 grid has
 3**6 = 729 possible images; their exact AR probabilities come from one teacher-forced forward per
@@ -9,6 +10,16 @@ Mutation check (run by hand when changing the verification): replace
 pjd/ops/speculative_verify.py (plain sampling from p instead of the residual) and run
 `pytest tests/test_lossless.py -k "sjd-kw1 or pjd-kw5"`: both fail (p-values of 4e-268 and below
 were seen on a CPU machine).
+
+Coupled draws and continuation (issue 22) have their own mutations (each run once on a CPU machine):
+- coupled draws: sample the committed residual / bonus token with the slot's coupled noise too
+  (`extra_token = sample_coupled(extra_dist, _gather_slots(coupled_noise, j).squeeze(2)) + lo` when
+  `coupled_noise is not None`): the noise already drew the rejected draft, so the residual draw is
+  correlated with it. `-k "sjd-kw10"` fails with p = 1.8e-19.
+- continuation: keep a passing draft's old q instead of q := p_k (what SCD's maximal-coupling code
+  records: `next_q = torch.where((carried & kept)[..., None], old_q, next_q)` after next_q is
+  built): the kept draft is distributed as p_k, not as its old q. `-k "sjd-kw11 or sjd-kw12"` fail
+  with p = 5.4e-7 and 6.1e-5.
 """
 import itertools
 
@@ -80,9 +91,16 @@ CASES = [
     ("ar", dict(backend="torch")),
     ("sjd", dict(cfg_scale=2.5, eol_token_id=EOL, backend="torch")),
     ("pjd", dict(context=W, reuse_threshold=None, cfg_scale=2.5, backend="torch")),
+    # Coupled draws (SCD) and adaptive continuation (SJD-PAC), alone and together: see the mutation checks.
+    ("sjd", dict(coupled_draws=True, cfg_scale=2.5, eol_token_id=EOL, top_k=2, window=2)),
+    ("sjd", dict(continuation=True, cfg_scale=2.5, eol_token_id=EOL, top_k=2)),
+    ("sjd", dict(coupled_draws=True, continuation=True, cfg_scale=2.5, eol_token_id=EOL, top_k=2, temperature=0.8)),
+    ("pjd", dict(context=W, coupled_draws=True, continuation=True, cfg_scale=2.5, window=2)),
+    ("sjd", dict(coupled_draws=True, continuation=True, cfg_scale=2.5, backend="torch")),
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,kw", CASES)
 def test_samples_follow_exact_ar_distribution(model, method, kw):
     cfg_scale = kw.get("cfg_scale", 1.0)

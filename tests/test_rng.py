@@ -47,6 +47,24 @@ def test_uniforms_and_tokens_are_exact_and_in_range():
     assert (freq - 1 / 7).abs().max() < 0.005
 
 
+def test_coupled_noise_follows_the_documented_derivation_and_is_keyed_by_slot():
+    """Coupled draws (issue 22): E = -log(1 - u) of the draw with counter -1 - (slot * Vi + v), the
+    same for a slot whatever lane, offset or step asks for it."""
+    seed, index = 77, torch.tensor([3, 9])
+    stream = DrawStream(seed, index, lanes=2, window=3, token_range=(5, 9))  # Vi = 4
+    slots = torch.tensor([[0, 10], [2, 10]])
+    noise = stream.coupled(slots, 4)  # [B=2, A=2, 4 slots, Vi=4]
+    assert noise.shape == (2, 2, 4, 4) and noise.dtype == torch.float32
+    key = mix64_int(seed + (9 + 1) * GAMMA)  # image 9
+    s, v = 10 + 2, 3  # lane 1 of image 9, offset 2, token 3
+    z = mix64_int(key + (-1 - (s * 4 + v) + 1) * GAMMA)
+    u = (z >> 40) * 2.0**-24
+    assert float(noise[1, 1, 2, 3]) == float(-torch.log1p(-torch.tensor(u, dtype=torch.float32)))
+    # Slot 3 of image 3 seen from slot base 0 (offset 3) and from slot base 2 (offset 1): same noise.
+    assert torch.equal(noise[0, 0, 3], stream.coupled(torch.tensor([[2], [0]]), 2)[0, 0, 1])
+    assert not torch.equal(noise[0, 0, 0], noise[0, 0, 1]) and (noise >= 0).all()
+
+
 def test_an_images_draws_do_not_depend_on_its_batch():
     big = DrawStream(9, torch.tensor([5, 2, 9, 0]), lanes=3, window=4, token_range=(0, 100))
     alone = DrawStream(9, torch.tensor([9]), lanes=3, window=4, token_range=(0, 100))
@@ -77,7 +95,9 @@ def _run(model, ids, **kw):
 
 @pytest.mark.parametrize("eol", [None, EOL])
 @pytest.mark.parametrize("method,extra", [("pjd", dict(context=2)), ("sjd++", {}), ("zipar", {}),
-                                          ("pjd", dict(context=3, draft_init="repeat_left", cache="append"))])
+                                          ("pjd", dict(context=3, draft_init="repeat_left", cache="append")),
+                                          ("pjd", dict(context=2, coupled_draws=True, continuation=True)),
+                                          ("sjd", dict(coupled_draws=True))])
 def test_sampled_images_are_batch_invariant(model, method, extra, eol):
     """Non-exact settings, sampling, CFG, ragged prompts (left padding) and ragged acceptance: each
     image decoded inside a batch equals the same image decoded alone, at another batch position."""

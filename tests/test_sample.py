@@ -60,6 +60,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_match_one_process(reference, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
@@ -106,6 +107,7 @@ def test_resume_after_lost_images_rewrites_only_those(reference, tmp_path):
     assert run_sample(_settings(), out, batch_size=4, progress=False)["mismatched_on_resume"] == 1
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(tmp_path):
     n, args = 40, ["-n", "40", "--batch-size", "2", *COMMON]
     full = tmp_path / "full"

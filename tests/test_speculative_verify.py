@@ -29,7 +29,8 @@ WIDTH = 5  # grid width of the EOL cases: row_slots = 6, slot % 6 == 5 is forced
 
 
 def make_case(seed, B, L, W, V, *, image=None, cfg=False, dtype="float32", top_k=0, top_p=1.0,
-              temperature=1.0, reuse=0.5, eol=False, draft_init="random", scale=4.0):
+              temperature=1.0, reuse=0.5, eol=False, draft_init="random", scale=4.0, continuation=False,
+              coupled=False):
     """Positional arguments of speculative_verify_reference for one random step.
 
     Lanes: about a quarter inactive (lane 0 of every image active and TOP, the rest TOP or PREFIX);
@@ -38,6 +39,8 @@ def make_case(seed, B, L, W, V, *, image=None, cfg=False, dtype="float32", top_k
     the whole vocabulary. Drafts per slot: 45% a sample of its target p with q = p, 30% the argmax of
     p with q one-hot, 15% a sample of an unrelated softmax q, 10% a uniform token with q one-hot;
     with EOL, forced slots hold the EOL id with q = 0 (as the engine stores them).
+    continuation / coupled (issue 22): the two trailing arguments (continuation, coupled_noise:
+    exponential variates) are appended; otherwise the 21 arguments of the original op.
     """
     g = torch.Generator().manual_seed(seed)
     lo, hi = image or ((0, V - 1) if eol else (0, V))  # with EOL the last id is the EOL token
@@ -92,17 +95,23 @@ def make_case(seed, B, L, W, V, *, image=None, cfg=False, dtype="float32", top_k
     u_accept = torch.rand(B, L, W, generator=g)
     u_sample = torch.rand(B, L, W + 1, generator=g)
     init_tokens = torch.randint(lo, hi, (B, L, W), generator=g)
+    trailing = ()
+    if continuation or coupled:
+        noise = -torch.log1p(-torch.rand(B, L, W + 1, vi, generator=g)) if coupled else None
+        trailing = (continuation, noise)
     return (logits, lane_start, m.int(), rule, lane_slot, room, draft_tokens, draft_q, u_accept, u_sample,
             init_tokens, cfg_scale, (lo, hi), temperature, top_k, top_p, -1.0 if reuse is None else reuse,
-            draft_init, eol_id, row_slots, WIDTH)
+            draft_init, eol_id, row_slots, WIDTH, *trailing)
 
 
 def public_kwargs(args):
     """The keyword part of pjd.ops.speculative_verify for make_case's positional arguments."""
-    (cfg_scale, image, temperature, top_k, top_p, reuse, draft_init, eol, row_slots, width) = args[11:]
+    (cfg_scale, image, temperature, top_k, top_p, reuse, draft_init, eol, row_slots, width) = args[11:21]
+    continuation, noise = (*args[21:], False, None)[:2] if len(args) > 21 else (False, None)
     return dict(image_token_range=image, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
                 reuse_threshold=None if reuse < 0 else reuse, draft_init=draft_init,
-                eol_token_id=None if eol < 0 else eol, row_slots=row_slots, width=width)
+                eol_token_id=None if eol < 0 else eol, row_slots=row_slots, width=width,
+                continuation=continuation, coupled_noise=noise)
 
 
 # ---------------------------------------------------------------- (a) reference self-checks
@@ -184,6 +193,51 @@ def test_no_reuse_means_fresh_drafts_at_targeted_slots():
     assert any(kept)
 
 
+def test_continuation_tests_stored_drafts_and_redraws_from_the_residual():
+    """Issue 22 (SJD-PAC's adaptive continuation): after the first rejection a stored draft with a
+    target stays iff it passes u_accept[k] * q(d) < p_k(d); otherwise it is redrawn from
+    max(p_k - q_k, 0) (a token where p_k > q_k); its q becomes p_k either way. Commits are unchanged."""
+    args = list(make_case(8, B=3, L=4, W=7, V=60, reuse=None, continuation=True, scale=2.0))
+    probs = target_probs(args[0], num_images=3, image_token_range=(0, 60))
+    out = speculative_verify_reference(*args)
+    plain = speculative_verify_reference(*args[:21])
+    for name in ("num_accepted", "num_commit", "commit_tokens"):
+        assert torch.equal(getattr(out, name), getattr(plain, name)), name
+    kept = redrawn = 0
+    for b, lane in zip(*torch.nonzero(args[1] >= 0, as_tuple=True)):
+        start, m, c = int(args[1][b, lane]), int(args[2][b, lane]), int(out.num_commit[b, lane])
+        for i in range(7):
+            k = c + i
+            if not (k <= m and k < 7):
+                continue
+            p, q, d = probs[b, start + k], args[7][b, lane, k], int(args[6][b, lane, k])
+            token = int(out.next_tokens[b, lane, i])
+            torch.testing.assert_close(out.next_q[b, lane, i], p)
+            if float(args[8][b, lane, k] * q[d]) < float(p[d]):
+                assert token == d
+                kept += 1
+            else:
+                assert float(p[token]) > float(q[token])
+                redrawn += 1
+    assert kept >= 3 and redrawn >= 3, (kept, redrawn)
+
+
+def test_coupled_draws_sample_p_and_repeat_under_similar_p():
+    """The exponential race samples p (frequencies), and the same noise under a nearby p gives the
+    same token far more often than independent draws would."""
+    from pjd.sampling import sample_coupled
+
+    g = torch.Generator().manual_seed(3)
+    p = torch.tensor([0.5, 0.0, 0.2, 0.25, 0.05])
+    noise = -torch.log1p(-torch.rand(200_000, 5, generator=g))
+    freq = torch.bincount(sample_coupled(p.expand(200_000, 5), noise), minlength=5).double() / 200_000
+    assert torch.allclose(freq, p.double(), atol=4e-3) and freq[1] == 0
+    near = torch.tensor([0.45, 0.0, 0.25, 0.25, 0.05])  # total variation 0.05 from p
+    same = (sample_coupled(p.expand(200_000, 5), noise) == sample_coupled(near.expand(200_000, 5), noise))
+    independent = float((p * near).sum())  # P(same) of two independent draws: 0.3275
+    assert float(same.double().mean()) > 0.9 > independent
+
+
 def full_window_case(draft_init):
     """Positional arguments of one greedy step (top_k = 1) where every lane fed a full window m = W = 4.
 
@@ -237,11 +291,15 @@ def test_slot_after_a_full_window_is_drafted_from_its_target(draft_init):
 @pytest.mark.parametrize("change,needle", [
     (lambda a: a.__setitem__(7, a[7][..., :-1]), "draft_q must have shape"),
     (lambda a: a.__setitem__("draft_init", "copy"), "draft_init must be one of"),
+    (lambda a: a.__setitem__("continuation", True), "continuation replaces draft reuse"),
+    (lambda a: a.__setitem__("coupled_noise", torch.ones(1, 2, 3, 30)), "coupled_noise must have shape"),
+    (lambda a: a.__setitem__("coupled_noise", torch.full((1, 2, 4, 30), float("inf"))),
+     "coupled_noise must be finite"),
 ])
 def test_bad_inputs(change, needle):
     args = list(make_case(5, B=1, L=2, W=3, V=30))
     kwargs = public_kwargs(args)
-    change(kwargs if needle.startswith("draft_init") else args)
+    change(kwargs if needle.startswith(("draft_init", "continuation", "coupled")) else args)
     with pytest.raises(ValueError, match=needle):
         speculative_verify(*args[:11], **kwargs, backend="torch")
 
@@ -292,7 +350,8 @@ INPUT_VARIANTS = {
 def _op_args(args, backend):
     """make_case's positional arguments as pjd::speculative_verify takes them."""
     lo, hi = args[12]
-    return (*args[:12], lo, hi, *args[13:], backend)
+    continuation, noise = args[21:23] if len(args) > 21 else (False, None)
+    return (*args[:12], lo, hi, *args[13:21], continuation, noise, backend)
 
 
 def assert_canonical(out, B, L, W, Vi):
@@ -311,6 +370,13 @@ def test_opcheck(dtype, cfg, variant):
     args = INPUT_VARIANTS[variant](list(make_case(21, B=2, L=3, W=3, V=40, cfg=cfg, dtype=dtype, eol=True)))
     op_args = _op_args(args, "torch")
     assert_canonical(torch.ops.pjd.speculative_verify(*op_args), B=2, L=3, W=3, Vi=39)
+    torch.library.opcheck(torch.ops.pjd.speculative_verify.default, op_args)
+
+
+def test_opcheck_with_continuation_and_coupled_noise():
+    args = make_case(23, B=2, L=3, W=3, V=40, reuse=None, continuation=True, coupled=True)
+    op_args = _op_args(list(args), "torch")
+    assert_canonical(torch.ops.pjd.speculative_verify(*op_args), B=2, L=3, W=3, Vi=40)
     torch.library.opcheck(torch.ops.pjd.speculative_verify.default, op_args)
 
 
@@ -343,6 +409,18 @@ CASES = {
     "tiles": [
         (dict(B=2, L=3, W=7, V=600, image=(3, 590), top_k=37, top_p=0.85, cfg=True), (128, 64)),
         (dict(B=1, L=4, W=3, V=1000, dtype="bfloat16", top_p=0.95, draft_init="repeat_left", eol=True), (256, 128)),
+    ],
+    # Issue 22: continuation (reuse off) and coupled draws, alone and together, with EOL / CFG / filters.
+    "issue22": [
+        (dict(B=2, L=4, W=7, V=300, reuse=None, continuation=True, scale=2.0), None),
+        (dict(B=2, L=3, W=5, V=517, reuse=None, continuation=True, eol=True, draft_init="repeat_left", cfg=True,
+              top_k=40, seed=212), None),
+        (dict(B=2, L=4, W=7, V=400, coupled=True, top_p=0.9, temperature=0.8), None),
+        (dict(B=3, L=3, W=3, V=333, reuse=None, coupled=True, eol=True, draft_init="repeat_left"), None),
+        (dict(B=2, L=4, W=15, V=600, reuse=None, continuation=True, coupled=True, cfg=True, dtype="bfloat16",
+              scale=2.0), None),
+        (dict(B=2, L=3, W=7, V=700, image=(3, 690), reuse=None, continuation=True, coupled=True, top_k=50,
+              scale=2.0), (128, 64)),
     ],
     "large": [
         # seeds picked for coverage (accepted prefixes, a full acceptance across an EOL slot + bonus)
@@ -403,6 +481,9 @@ def _generate_parity(name):
     if name == "pjd_cfg":
         kw = dict(method="pjd", height=4, width=6, context=2, window=3, cfg_scale=3.0,
                   uncond_input_ids=torch.full_like(ids[:, :1], 29))
+    elif name == "pjd_coupled_continuation":  # issue 22: both options, every kernel variant they add
+        kw = dict(method="pjd", height=4, width=6, context=2, window=3, eol_token_id=30, top_k=12,
+                  coupled_draws=True, continuation=True)
     else:
         kw = dict(method="sjd", height=3, width=5, window=5, eol_token_id=30, top_k=12)
     import pjd.kernels.speculative_verify as kernel_module
@@ -436,6 +517,7 @@ def _run_subprocess(*argv):
     return result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [*CASES, "rules"])
 def test_triton_interpreter_matches_reference(name):
     result = _run_subprocess("parity", name)
@@ -476,11 +558,13 @@ def test_verify_benchmark_cpu_rows():
     assert b["logits"] == 2 * 64 * 16384 * 2 and b["q_io"] == 2 * 56 * 16384 * 4
 
 
+@pytest.mark.slow
 def test_verify_benchmark_gate_under_interpreter():
     _run_subprocess("bench", "gate")
 
 
-@pytest.mark.parametrize("name", ["pjd_cfg", "sjd_eol"])
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["pjd_cfg", "sjd_eol", "pjd_coupled_continuation"])
 def test_generate_with_triton_backend_matches_torch(name):
     result = _run_subprocess("generate", name)
     assert result["steps"] < result["tokens"], "the run must accept drafts (fewer steps than tokens)"

@@ -18,6 +18,16 @@ pjd / zipar, the whole raster for ar / sjd. Per lane, the step fed the lane's la
      p_k(d)/q_k(d) > reuse_threshold; otherwise it takes a fresh sample of p_k (q := p_k). The slot
      right after the last fed draft (k = m, including k = W after a full window) is thus always
      drafted from this step's prediction p_m, never initialised: a random draft would waste it;
+   - with ``continuation`` (SJD-PAC's adaptive continuation; reuse must be off), a stored draft
+     with a target this step (k <= m, k < W) is tested against it as verification tests drafts,
+     with the same uniform: kept if ``u_accept[k] * q_k(d) < p_k(d)`` (or forced), else replaced by a
+     sample of normalize(max(0, p_k - q_k)) (u_sample[k]); either way q := p_k. Drafts after the
+     first rejection thus keep being verified; nothing beyond the first rejection is committed
+     (the draft at slot k is then distributed exactly as p_k: maximal coupling of q_k and p_k);
+   - with ``coupled_noise`` (SCD's coupled draws), a fresh sample of p_k is the exponential race
+     ``argmin_v E[k, v] / p_k(v)`` on the slot's own noise instead of an inverse-CDF draw; the
+     engine keys E by image slot, so a slot redrawn from a similar p_k repeats its draft. Residual
+     and bonus samples (committed tokens) and continuation's residual draws stay per-step draws;
    - a stored draft with no target this step (m < k < W) is kept as is;
    - slots beyond (k >= W and k > m) are initialised: a uniform image token from ``init_tokens``
      (q one-hot), or with ``draft_init="repeat_left"`` a copy of the last non-initialised token to
@@ -36,11 +46,11 @@ the same tokens for the same draws; sampling is inverse-CDF with one uniform per
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
-from pjd.sampling import sample_inverse_cdf, scaled_logits, target_probs, undefined_rows
+from pjd.sampling import sample_coupled, sample_inverse_cdf, scaled_logits, target_probs, undefined_rows
 
 from . import _checks
 from ._backend import resolve_backend, triton_unsupported
@@ -74,7 +84,7 @@ def speculative_verify_reference(
     draft_tokens, draft_q, u_accept, u_sample, init_tokens,
     cfg_scale: float, image_token_range: tuple[int, int], temperature: float, top_k: int,
     top_p: float, reuse_threshold: float, draft_init: str, eol_token_id: int, row_slots: int,
-    width: int,
+    width: int, continuation: bool = False, coupled_noise: torch.Tensor | None = None,
 ) -> VerifyResult:
     """Pure-torch specification (see the module docstring); reuse_threshold < 0 disables reuse."""
     B, L, W = draft_tokens.shape
@@ -137,7 +147,18 @@ def speculative_verify_reference(
         & (_pick(p_k, old_idx) > reuse_threshold * _pick(old_q, old_idx))
     )
     fresh = has_target & ~reuse
-    fresh_tokens = sample_inverse_cdf(p_k, u_sample.gather(-1, k.clamp(max=W))) + lo
+    u_k = u_sample.gather(-1, k.clamp(max=W))
+    if coupled_noise is None:
+        fresh_tokens = sample_inverse_cdf(p_k, u_k) + lo
+    else:
+        fresh_tokens = sample_coupled(p_k, _gather_slots(coupled_noise, k.clamp(max=W))) + lo
+    if continuation:
+        carried = has_target & (k < W)
+        kept = forced(k) | (u_accept.gather(-1, k_old) * _pick(old_q, old_idx) < _pick(p_k, old_idx))
+        residual_k = (p_k - old_q).clamp(min=0)
+        residual_k = torch.where(residual_k.sum(-1, keepdim=True) > 0, residual_k, p_k)
+        carried_tokens = torch.where(kept, old_tokens, sample_inverse_cdf(residual_k, u_k) + lo)
+        fresh_tokens = torch.where(carried, carried_tokens, fresh_tokens)
     init = (k >= W) & ~has_target
     if draft_init == "repeat_left":
         # Init slots are a suffix; each copies the last non-init token to its left.
@@ -192,11 +213,12 @@ def _speculative_verify_op(
     lane_slot: torch.Tensor, lane_room: torch.Tensor, draft_tokens: torch.Tensor, draft_q: torch.Tensor,
     u_accept: torch.Tensor, u_sample: torch.Tensor, init_tokens: torch.Tensor,
     cfg_scale: float, lo: int, hi: int, temperature: float, top_k: int, top_p: float,
-    reuse_threshold: float, draft_init: str, eol_token_id: int, row_slots: int, width: int, backend: str,
+    reuse_threshold: float, draft_init: str, eol_token_id: int, row_slots: int, width: int, continuation: bool,
+    coupled_noise: Optional[torch.Tensor], backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (logits, lane_start, lane_drafts, lane_rule, lane_slot, lane_room, draft_tokens, draft_q,
             u_accept, u_sample, init_tokens, cfg_scale, (lo, hi), temperature, top_k, top_p,
-            reuse_threshold, draft_init, eol_token_id, row_slots, width)
+            reuse_threshold, draft_init, eol_token_id, row_slots, width, continuation, coupled_noise)
     if backend == "triton":
         from pjd.kernels.speculative_verify import speculative_verify_triton
 
@@ -216,7 +238,8 @@ def speculative_verify(
     logits, lane_start, lane_drafts, lane_rule, lane_slot, lane_room,
     draft_tokens, draft_q, u_accept, u_sample, init_tokens, *,
     image_token_range, cfg_scale=1.0, temperature=1.0, top_k=0, top_p=1.0, reuse_threshold=None,
-    draft_init="random", eol_token_id=None, row_slots=1, width=1, backend="auto", validate=True,
+    draft_init="random", eol_token_id=None, row_slots=1, width=1, continuation=False, coupled_noise=None,
+    backend="auto", validate=True,
 ) -> VerifyResult:
     """Verify every lane's drafts, commit tokens, and propose the next drafts (one fused step).
 
@@ -239,6 +262,9 @@ def speculative_verify(
         reuse_threshold: float or None (no reuse); draft_init: "random" | "repeat_left".
         eol_token_id: forced token after every row (None = no EOL; else a non-image id and
             ``row_slots == width + 1``); row_slots, width: the grid.
+        continuation: SJD-PAC's adaptive continuation of drafts after the first rejection (needs
+            ``reuse_threshold=None``). coupled_noise: float32 ``[B, L, W+1, Vi]`` exponential variates
+            (>= 0, finite) of slots n .. n+W for coupled fresh draws (SCD), or None (inverse CDF).
         validate: also check tensor values (lane indices inside N, drafts in [0, W], rules, tokens
             in the image range or EOL, uniforms in [0, 1), draft_q finite and >= 0): one host read.
             Kinds, shapes, dtypes, devices and scalars are always checked (no device work).
@@ -249,16 +275,20 @@ def speculative_verify(
     """
     lo, hi = _check_args(logits, lane_start, lane_drafts, lane_rule, lane_slot, lane_room, draft_tokens, draft_q,
                          u_accept, u_sample, init_tokens, image_token_range, cfg_scale, temperature, top_k, top_p,
-                         reuse_threshold, draft_init, eol_token_id, row_slots, width, validate)
+                         reuse_threshold, draft_init, eol_token_id, row_slots, width, continuation, coupled_noise,
+                         validate)
     backend = resolve_backend(backend, logits.device,
                               lambda: triton_unsupported(("speculative_verify", draft_tokens.shape[-1], logits.dtype)))
     lanes = (logits, lane_start, lane_drafts, lane_rule, lane_slot, lane_room, draft_tokens, draft_q,
              u_accept, u_sample, init_tokens, float(cfg_scale))
     rules = (float(temperature), int(top_k), float(top_p), -1.0 if reuse_threshold is None else float(reuse_threshold),
-             draft_init, -1 if eol_token_id is None else int(eol_token_id), int(row_slots), int(width))
-    if backend == "sdpa" and not torch.compiler.is_compiling():
+             draft_init, -1 if eol_token_id is None else int(eol_token_id), int(row_slots), int(width),
+             bool(continuation), coupled_noise)
+    if backend == "sdpa" or (backend == "torch" and torch.compiler.is_compiling()):
         # The sdpa (CPU) path calls the torch implementation directly: on a CPU the custom-op dispatch
-        # costs about as much as a small verification. Under torch.compile the registered op is traced.
+        # costs about as much as a small verification. Under torch.compile the pure-torch backends are
+        # traced through (inductor fuses them into the step: pjd.compiler); the Triton kernels stay
+        # behind the registered op.
         out = _canonical(speculative_verify_reference(*lanes, (int(lo), int(hi)), *rules))
     else:
         out = _speculative_verify_op(*lanes, int(lo), int(hi), *rules, backend)
@@ -267,7 +297,7 @@ def speculative_verify(
 
 def _check_args(logits, lane_start, lane_drafts, lane_rule, lane_slot, lane_room, draft_tokens, draft_q, u_accept,
                 u_sample, init_tokens, image_token_range, cfg_scale, temperature, top_k, top_p, reuse_threshold,
-                draft_init, eol_token_id, row_slots, width, validate) -> tuple[int, int]:
+                draft_init, eol_token_id, row_slots, width, continuation, coupled_noise, validate) -> tuple[int, int]:
     _checks.tensor("draft_tokens", draft_tokens, 3, torch.int64, None)
     B, L, W = draft_tokens.shape
     device = draft_tokens.device
@@ -295,6 +325,12 @@ def _check_args(logits, lane_start, lane_drafts, lane_rule, lane_slot, lane_room
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if reuse_threshold is not None and _checks.finite("reuse_threshold", reuse_threshold) < 0:
         raise ValueError(f"reuse_threshold must be >= 0 or None, got {reuse_threshold}")
+    if not isinstance(continuation, bool):
+        raise TypeError(f"continuation must be True or False, got {type(continuation).__name__} {continuation!r}")
+    if continuation and reuse_threshold is not None:
+        raise ValueError(f"continuation replaces draft reuse: pass reuse_threshold=None, got {reuse_threshold}")
+    if coupled_noise is not None:
+        _checks.tensor("coupled_noise", coupled_noise, (B, L, W + 1, hi - lo), torch.float32, device)
     if draft_init not in DRAFT_INITS:
         raise ValueError(f"draft_init must be one of {DRAFT_INITS}, got {draft_init!r}")
     _checks.integer("row_slots", row_slots, low=1)
@@ -323,5 +359,8 @@ def _check_args(logits, lane_start, lane_drafts, lane_rule, lane_slot, lane_room
             ("u_accept must lie in [0, 1)", (u_accept >= 0) & (u_accept < 1)),
             ("u_sample must lie in [0, 1)", (u_sample >= 0) & (u_sample < 1)),
             ("draft_q must be finite and >= 0", torch.isfinite(draft_q) & (draft_q >= 0)),
+            ("coupled_noise must be finite and >= 0",
+             torch.ones((), dtype=torch.bool, device=device) if coupled_noise is None
+             else torch.isfinite(coupled_noise) & (coupled_noise >= 0)),
         ])
     return lo, hi
