@@ -1,8 +1,8 @@
 """The paper's Table 1 on the embedded Fashion-MNIST model: speed and quality of every method.
 
 Rows: ar, sjd, sjd with coupled draws / continuation / both (issue 22; named "sjd+coupled",
-"sjd+continuation", "sjd+coupled+continuation"), sjd++, zipar (c = width/4) and pjd over several
-contexts c (the default c = width/4 included). Every row decodes the same classes (``samples`` images, equal count per class, class
+"sjd+continuation", "sjd+coupled+continuation"), sjd++, zipar (its default c = width/4) and pjd over
+several contexts c (its default c = width/8, width/4, width/2 and width). Every row decodes the same classes (``samples`` images, equal count per class, class
 i % 10) in the same chunks with the same seeds, the rows interleaved chunk by chunk. Columns: steps per image, step compression
 (``H*W / steps per image``, the paper's batch-1 figure), wall-clock seconds and speed-up over ar
 (CPU here: labelled with the device), FID against the test split and class accuracy (the shipped
@@ -20,19 +20,26 @@ from pathlib import Path
 
 import torch
 
+from pjd.plan import DEFAULT_CONTEXT_FRACTION
 from pjd.timing import WarmUp
 
 from _report import pyplot  # benchmarks/ is on sys.path (e2e.py puts it there)
 
 
+def default_context(method: str, width: int) -> int:
+    """The context pjd.generate uses for ``method`` when none is given (pjd.plan)."""
+    return max(1, round(width * DEFAULT_CONTEXT_FRACTION[method]))
+
+
 def table1_rows(width: int, contexts=None) -> list[tuple[str, dict]]:
-    """(method, extra generate() kwargs) of each row, in run order: pjd at the default c = width/4
-    comes right after the baselines, so a run cut short still has the main comparison."""
-    default_c = max(1, width // 4)
-    contexts = contexts or [default_c] + sorted({2, width // 2, width} - {default_c})
+    """(method, extra generate() kwargs) of each row, in run order: pjd at its default context comes
+    right after the baselines, so a run cut short still has the main comparison."""
+    default_c = default_context("pjd", width)
+    contexts = contexts or [default_c] + sorted({2, width // 4, width // 2, width} - {default_c})
     exact_options = [{"coupled_draws": True}, {"continuation": True}, {"coupled_draws": True, "continuation": True}]
     return ([("ar", {}), ("sjd", {})] + [("sjd", kw) for kw in exact_options]
-            + [("sjd++", {}), ("zipar", {"context": default_c})] + [("pjd", {"context": c}) for c in contexts])
+            + [("sjd++", {}), ("zipar", {"context": default_context("zipar", width)})]
+            + [("pjd", {"context": c}) for c in contexts])
 
 
 def row_name(method: str, kw: dict) -> str:
@@ -81,6 +88,32 @@ class Row:
                     nll_per_token=float(nll.mean()), nll_sem=float(nll.std() / len(nll) ** 0.5))
 
 
+def row_key(name: str, kw: dict) -> str:
+    """A row's key in --table1-methods and in the tokens file: ``pjd:4`` (name:context) or ``sjd+coupled``."""
+    return f"{name}:{kw['context']}" if "context" in kw else name
+
+
+def selected(method: str, kw: dict, methods) -> bool:
+    """Whether --table1-methods (row names, every context of pjd with ``pjd``, or ``name:context`` for
+    one row) selects the row."""
+    name = row_name(method, kw)
+    return not methods or name in methods or row_key(name, kw) in methods
+
+
+def merge_rows(previous: list[dict], new: list[dict], note: str, width: int) -> list[dict]:
+    """The rows of this run, plus the rows of a previous table1.json that this run did not decode
+    (same method and context), those marked ``reused: note`` (their figures, speed-up included,
+    are the previous run's). Order: Table 1's (table1_rows), then any other previous rows."""
+    ran = {row_key(r["method"], r): r for r in new}
+    kept = {row_key(r["method"], r): {**r, "reused": r.get("reused") or note}
+            for r in previous if row_key(r["method"], r) not in ran}
+    merged = {**kept, **ran}
+    default_c = default_context("pjd", width)
+    contexts = [default_c] + sorted({r["context"] for r in merged.values() if r["method"] == "pjd"} - {default_c})
+    order = [row_key(row_name(m, kw), kw) for m, kw in table1_rows(width, contexts)]
+    return [merged[k] for k in order if k in merged] + [r for k, r in merged.items() if k not in order]
+
+
 def run_table1(dm, *, samples: int, batch: int, cfg_scale: float, seed: int, out: Path, device: str,
                contexts=None, methods=None, minutes: float | None = None) -> list[dict]:
     """Decode chunk by chunk, every row in turn within a chunk (chunk i: classes i*batch.. % 10,
@@ -91,7 +124,9 @@ def run_table1(dm, *, samples: int, batch: int, cfg_scale: float, seed: int, out
         raise ValueError(f"samples and batch must be positive multiples of 10 (equal count per class), "
                          f"got samples={samples}, batch={batch}")
     labels = torch.arange(samples) % len(dm.class_names)
-    rows = [Row(m, kw) for m, kw in table1_rows(dm.width, contexts) if not methods or row_name(m, kw) in methods]
+    rows = [Row(m, kw) for m, kw in table1_rows(dm.width, contexts) if selected(m, kw, methods)]
+    if not rows:
+        raise ValueError(f"--table1-methods {methods} selects no Table-1 row")
     start, summaries, warm = time.time(), [], WarmUp()
     for i, first in enumerate(range(0, samples, batch)):
         for row in rows:
@@ -103,7 +138,7 @@ def run_table1(dm, *, samples: int, batch: int, cfg_scale: float, seed: int, out
         (out / "table1.json").write_text(json.dumps(dict(device=device, samples=summaries[0]["samples"], batch=batch,
                                                          cfg_scale=cfg_scale, seed=seed, rows=summaries,
                                                          warm_up=warm.log), indent=2))
-        torch.save({f"{r.name}{r.kw.get('context', '')}": torch.cat(r.tokens).short() for r in rows},
+        torch.save({row_key(r.name, r.kw): torch.cat(r.tokens).short() for r in rows},
                    out / "table1_tokens.pt")
         print(f"round {i}: {summaries[0]['samples']} images per row, {time.time() - start:.0f}s", flush=True)
         for r in summaries:
@@ -126,12 +161,13 @@ def markdown(rows: list[dict], device: str) -> str:
     lines = []
     for r in rows:
         speed = f"{r['speedup']:.2f}x" if r.get("speedup") else "-"
-        lines.append(f"| {r['method']} | {r.get('context', '-')} | {r['samples']} | {r['steps_per_image']:.1f} | "
+        lines.append(f"| {r['method']}{' †' if r.get('reused') else ''} | {r.get('context', '-')} | {r['samples']} | {r['steps_per_image']:.1f} | "
                      f"{r['step_compression']:.2f}x | {r['seconds']:.0f} | {speed} | {r['fid']:.2f} "
                      f"[{r['fid_ci'][0]:.2f}, {r['fid_ci'][1]:.2f}] | {r['class_accuracy']:.3f} "
                      f"[{r['class_accuracy_ci'][0]:.3f}, {r['class_accuracy_ci'][1]:.3f}] | "
                      f"{r['nll_per_token']:.3f} ± {r['nll_sem']:.3f} |")
-    return head + "\n".join(lines) + "\n"
+    notes = sorted({r["reused"] for r in rows if r.get("reused")})
+    return head + "\n".join(lines) + "\n" + "".join(f"\n† {note}\n" for note in notes)
 
 
 def plot_table1(rows: list[dict], out: Path) -> list[Path]:

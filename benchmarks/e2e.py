@@ -66,6 +66,16 @@ def variant(name: str) -> tuple[str, dict]:
     """"pjd-compiled" -> ("pjd", {"compile": True}); a plain method -> (method, {})."""
     method, _, suffix = name.rpartition("-")
     return (method, VARIANTS[suffix]) if method in METHODS and suffix in VARIANTS else (name, {})
+
+
+def method_spec(name: str) -> tuple[str, dict]:
+    """A speed-section method: ``pjd``, a variant (``pjd-compiled``), then generate() settings after
+    colons (``pjd:window=3``, ``pjd-compiled:context=4``; ints)."""
+    base, *settings = name.split(":")
+    if any("=" not in kv for kv in settings):
+        raise ValueError(f"--speed-methods: expected method[:key=value...], got {name!r}")
+    method, options = variant(base)
+    return method, {**options, **{k: int(v) for k, v in (kv.split("=", 1) for kv in settings)}}
 DOCS_DIR = Path(__file__).resolve().parent.parent / "docs" / "e2e"
 
 
@@ -105,6 +115,11 @@ class Bench:
                                    image_token_range=self.image_range, cfg_scale=cfg,
                                    uncond_input_ids=self.null if cfg != 1 else None, seed=self.seed, **kw)
         return r
+
+    def generate_spec(self, name: str):
+        """``generate`` of a speed-section method name (method_spec: ``pjd:window=3``)."""
+        method, kw = method_spec(name)
+        return self.generate(method, **kw)
 
     def hf(self, cfg_mode: str):
         """hf_generate on the bench's prompts, after a warm-up call of this configuration."""
@@ -188,7 +203,7 @@ def speed_section(bench: "Bench", methods: list[str], repeats: int, hf_modes: li
 
     cells = {f"hf-{m}": (lambda m=m: bench.hf(m)[1]) for m in hf_modes}
     cells.update({m: (lambda m=m: bench.llamagen(m)[1]) if m in LLAMAGEN else
-                  (lambda m=m: bench.generate(*variant(m)[:1], **variant(m)[1]).wall_seconds) for m in methods})
+                  (lambda m=m: bench.generate_spec(m).wall_seconds) for m in methods})
     order = [m for m in methods if m == "ar"] + list(cells)[:len(hf_modes)] + [m for m in methods if m != "ar"]
     for name in order:  # untimed: a cell's first call runs its warm-up (bench.warm) before the call itself
         cells[name]()
@@ -217,7 +232,7 @@ def speed_section(bench: "Bench", methods: list[str], repeats: int, hf_modes: li
                 if "llamagen" in times:  # same seed, same draws: only the compiled logits' rounding may differ
                     extra["tokens_equal_to_eager"] = float((tokens == bench.llamagen("llamagen")[0]).double().mean())
         else:
-            method, options = variant(name)
+            method, options = method_spec(name)
             r = bench.generate(method, **options)
             steps, steps_per_image = r.steps, float(r.steps_per_image.double().mean())
             # a compiled step is one dynamo frame: counting around it would change what runs
@@ -278,7 +293,8 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default="bench_out")
     p.add_argument("--docs", action="store_true", help="copy plots to docs/e2e and refresh docs/performance.md")
     p.add_argument("--speed-methods", default="ar,sjd,sjd++,zipar,pjd",
-                   help="pjd methods of the speed section, and the LlamaGen baselines llamagen, llamagen-compiled")
+                   help="pjd methods of the speed section (settings after colons: pjd:window=3), and the "
+                        "LlamaGen baselines llamagen, llamagen-compiled")
     p.add_argument("--llamagen-repo", default=None,
                    help="checkout of github.com/FoundationVision/LlamaGen for the llamagen baselines "
                         "(default: $PJD_LLAMAGEN_REPO)")
@@ -293,8 +309,11 @@ def main(argv=None) -> dict:
     p.add_argument("--table1", action="store_true", help="run the Table-1 reproduction instead of --sections")
     p.add_argument("--table1-samples", type=int, default=2000, help="images per row (multiple of 10)")
     p.add_argument("--table1-batch", type=int, default=100, help="images decoded together")
-    p.add_argument("--table1-methods", default="", help="comma list: only these rows (names: ar, sjd, sjd+coupled, sjd+continuation, "
-                   "sjd+coupled+continuation, sjd++, zipar, pjd; default all)")
+    p.add_argument("--table1-methods", default="",
+                   help="comma list: only these rows, by name (ar, sjd, sjd+coupled, sjd+continuation, "
+                        "sjd+coupled+continuation, sjd++, zipar, pjd: every context) or name:context (default all)")
+    p.add_argument("--table1-merge", default=None,
+                   help="a previous table1.json: its rows that this run does not decode are kept (marked reused)")
     p.add_argument("--table1-minutes", type=float, default=None,
                    help="stop after the chunk round that passes this budget (rows keep equal sample counts)")
     args = p.parse_args(argv)
@@ -309,7 +328,10 @@ def main(argv=None) -> dict:
     if unknown:
         p.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
     speed_methods = [m for m in args.speed_methods.split(",") if m]
-    unknown = {m for m in speed_methods if variant(m)[0] not in METHODS} - set(LLAMAGEN)
+    try:
+        unknown = {m for m in speed_methods if method_spec(m)[0] not in METHODS} - set(LLAMAGEN)
+    except ValueError as e:
+        p.error(str(e))
     if unknown:
         p.error(f"--speed-methods: unknown {sorted(unknown)}; choose from {METHODS + tuple(LLAMAGEN)}, or a method "
                 f"followed by one of {['-' + v for v in VARIANTS]} (e.g. pjd-compiled)")
@@ -376,7 +398,7 @@ def main(argv=None) -> dict:
                 f"Wall time per image beside hf{' and LlamaGen' if llamagen else ''} (batch {args.batch})")
         for r in rows:
             if "tokens_equal_to_eager" in r:
-                eager = "llamagen" if r["method"] in LLAMAGEN else variant(r["method"])[0]
+                eager = "llamagen" if r["method"] in LLAMAGEN else method_spec(r["method"])[0]
                 line = f"{r['method']}'s tokens equal to eager {eager}'s (same seed): {r['tokens_equal_to_eager']:.4f}\n"
                 print(line, flush=True)
                 text += line
@@ -418,7 +440,7 @@ def main(argv=None) -> dict:
 
 
 def table1_main(args) -> dict:
-    from _table1 import markdown, plot_table1, run_table1
+    from _table1 import markdown, merge_rows, plot_table1, run_table1
 
     from pjd.models import default
 
@@ -426,12 +448,21 @@ def table1_main(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     device = device_name(torch.device("cpu"))
     methods = [m for m in args.table1_methods.split(",") if m]
-    rows = run_table1(default(), samples=args.table1_samples, batch=args.table1_batch, cfg_scale=args.cfg_scale,
+    previous = json.loads(Path(args.table1_merge).read_text()) if args.table1_merge else None
+    dm = default()
+    rows = run_table1(dm, samples=args.table1_samples, batch=args.table1_batch, cfg_scale=args.cfg_scale,
                       seed=args.seed, out=out, device=device, methods=methods, minutes=args.table1_minutes)
     n = rows[0]["samples"]
     budget = f" --table1-minutes {args.table1_minutes}" if args.table1_minutes is not None else ""
-    text = (f"Command: `python benchmarks/e2e.py --table1 --table1-samples {args.table1_samples} --table1-batch "
-            f"{args.table1_batch} --cfg-scale {args.cfg_scale}{budget}`; device: {device}; default model (Fashion-MNIST, "
+    subset = f" --table1-methods {args.table1_methods}" if methods else ""
+    command = (f"python benchmarks/e2e.py --table1 --table1-samples {args.table1_samples} --table1-batch "
+               f"{args.table1_batch} --cfg-scale {args.cfg_scale}{budget}{subset}")
+    if previous is not None:
+        rows = merge_rows(previous["rows"], rows, f"reused from a previous run: `{previous.get('command', '?')}` "
+                          f"({previous.get('device', '?')}); the speed-up is against that run's ar", dm.width)
+    (out / "table1.json").write_text(json.dumps({**json.loads((out / "table1.json").read_text()),
+                                                 "command": command, "rows": rows}, indent=2))
+    text = (f"Command: `{command}`; device: {device}; default model (Fashion-MNIST, "
             f"16x16 tokens), **{n} images per row** ({n // 10} per class, the same classes and seeds in every row"
             f"{'; stopped by the time budget before ' + str(args.table1_samples) if n < args.table1_samples else ''}), "
             f"batches of {args.table1_batch}, rows interleaved chunk by chunk, CFG {args.cfg_scale}, seed {args.seed}. "

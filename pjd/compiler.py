@@ -29,9 +29,7 @@ def mode(compile, adapter, backend: str, plan) -> str:
     cannot be compiled; "auto" compiles where it is expected to pay -- CUDA; on a CPU the single-lane
     methods (ar, sjd, sjd++: a fixed-shape step pads no input there) -- and otherwise warns once per
     reason and runs eager (row-parallel methods on a CPU: measured slower, docs/performance.md)."""
-    if isinstance(compile, bool) or compile == "auto":
-        pass
-    else:
+    if not isinstance(compile, (bool, str)) or compile not in COMPILE:
         raise ValueError(f"compile must be False, True or 'auto', got {compile!r}")
     if compile is False:
         return ""

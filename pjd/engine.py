@@ -116,7 +116,8 @@ def generate(model, input_ids, *, height, width, method="pjd", window=None, cont
             ``attention_mask`` ``[B, P]`` (1 = real token). Image token (r, c) takes the position
             ``P_real + r * row_slots + c`` exactly as in plain AR generation.
         method: "ar" | "sjd" | "sjd++" | "pjd" | "zipar". window: drafts per lane (sjd 15, pjd 7).
-        context: committed tokens of row r that activate row r+1 (pjd/zipar; default round(width/4)).
+        context: committed tokens of row r that activate row r+1 (pjd: default round(width/8),
+            zipar: round(width/4); at least 1).
         row0_first: True decodes row 0 completely before row 1 activates (pjd/zipar; "auto": True
             without EOL, where every fresh row then has a complete row to lead from, False with EOL).
         row_lead: without EOL, what a fresh row leads with while the row above is unfinished (a

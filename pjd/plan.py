@@ -15,6 +15,14 @@ from pjd._choices import CACHES, METHODS, ROW_LEADS
 
 DEFAULT_WINDOW = {"ar": 0, "sjd": 15, "sjd++": 15, "pjd": 7, "zipar": 0}
 DEFAULT_REUSE_THRESHOLD = 0.5  # reuse_threshold="auto" for pjd and sjd++
+# context=None: round(width * this), at least 1 (measured on the embedded model, issue 21: pjd keeps
+# ar's FID and class accuracy down to c = 2 of 16 with row 0 first; zipar, one token per row and
+# step, loses quality below c = width / 4).
+DEFAULT_CONTEXT_FRACTION = {"pjd": 1 / 8, "zipar": 1 / 4}
+# Leading token of a fresh row whose row above is unfinished (no EOL; DESIGN.md §1.1), from the row
+# whose last committed token is copied: "row_end" the lowest complete row (a token that really ends a
+# row), "above" the row above (a mid-row token), "two_above" row r-2 (official ZipAR's copy).
+ROW_LEADS = ("row_end", "above", "two_above")
 
 
 @dataclass(frozen=True)
@@ -114,7 +122,7 @@ def make_plan(*, method, height, width, window, context, top_k, top_p, temperatu
         _positive_int("window", window)
     if method in ("pjd", "zipar"):
         if context is None:
-            context = max(1, round(width / 4))
+            context = max(1, round(width * DEFAULT_CONTEXT_FRACTION[method]))
         _positive_int("context", context)
         context = min(context, width)
     elif context is not None:

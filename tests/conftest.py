@@ -1,5 +1,5 @@
-"""Test-wide settings (one intra-op thread per test process, one Triton cache per session) and the
-compile_on_first_call fixture.
+"""Test-wide settings (one intra-op thread per test process, one Triton cache per session, the
+slowest tests first) and the compile_on_first_call fixture.
 
 pytest runs with -n 2 on 2-core machines; two workers each spinning two OpenMP threads make tiny
 matmuls over 100x slower than one thread each.
@@ -11,6 +11,18 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a test of a minute or more (compiles, the interpreter, subprocesses); "
+                                       "run first")
+
+
+def pytest_collection_modifyitems(items):
+    """Tests marked slow start first (stable order otherwise): with -n 2 they spread over both workers
+    from the start and the many short tests fill the end, instead of one long test starting last and
+    keeping one worker busy while the other idles."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session", autouse=True)

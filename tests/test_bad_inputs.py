@@ -332,6 +332,7 @@ TRITON_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_non_finite_logits_triton_interpreter():
     """The Triton kernels flag the same lanes as the reference; generate(backend="triton") raises."""
     import json

@@ -79,6 +79,7 @@ def test_kernel_image_probe_runs(tmp_path):
         assert int(code) != 0, run.stdout
 
 
+@pytest.mark.slow
 @needs_nvcc
 def test_cuda_binding_parses_against_torch_headers(tmp_path):
     """compact_kv_cuda.cpp is only built where torch has CUDA; check its syntax and types here.

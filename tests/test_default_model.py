@@ -152,14 +152,15 @@ def test_demo_writes_grid_and_scores(shipped, tmp_path, compile_on_first_call):
                                                                ("hf_generate", None)]
 
 
-INTERPRETER_ROWS = 3  # the top rows of an image: with pjd's context of 4, all three are in flight at once
+INTERPRETER_ROWS = 3  # the top rows of an image: row 0 first (row0_first="auto"), then rows 1 and 2 together
 
 
+@pytest.mark.slow
 def test_default_model_decodes_through_the_triton_kernels_under_the_interpreter(shipped):
     """The embedded model on the Triton kernels (the interpreter, in a subprocess) gives the torch
     reference's tokens and steps: pjd with CFG at the model's width, vocabulary, head dim and window,
-    on the top INTERPRETER_ROWS rows, where every lane is fed at once and rows start and finish
-    while others run (the full 16 rows repeat such steps five times over, at five times the
+    on the top INTERPRETER_ROWS rows: row 0 alone, then two rows in flight at once, a row starting
+    while the one above runs (the full 16 rows repeat such steps five times over, at five times the
     interpreter's minutes). benchmarks/kernel_report.py's "demo" group compiles the full-size
     `pjd demo` configuration for sm_80 / sm_90; `pjd demo` itself is tested on the torch backend above."""
     import json
@@ -181,4 +182,4 @@ def test_default_model_decodes_through_the_triton_kernels_under_the_interpreter(
                        image_token_range=shipped.image_token_range, method="pjd", cfg_scale=3.0,
                        uncond_input_ids=shipped.null_prompt(1), seed=0, backend="torch")
     assert triton == dict(tokens=ref.tokens.tolist(), steps=ref.steps)
-    assert ref.steps < INTERPRETER_ROWS * 16 / 2  # rows decoded in parallel: the case the kernels must get right
+    assert ref.steps < INTERPRETER_ROWS * 16 * 2 / 3  # drafts accepted, rows in parallel: what the kernels must get right

@@ -301,6 +301,7 @@ def _interpreter_main(names):
     return 1 if failures else 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("names", [["fp32"], ["fp16"], ["bf16", "numerics"], ["head_dims"]])
 def test_triton_interpreter_matches_reference(names):
     """Interpreter vs reference; "numerics": P is rounded to the input dtype before P·V, and bf16 is

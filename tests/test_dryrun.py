@@ -29,6 +29,7 @@ KERNELS = {"_draft_attention_fwd", "_draft_attention_combine", "_target_probs_ke
            "_next_drafts_kernel"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("group", list(kernel_report.GROUPS))
 def test_matrix_compiles_without_spills(group, arch):

@@ -242,6 +242,21 @@ def test_no_eol_scaffold_is_fixed_from_activation_until_the_row_above_completes(
     assert moved >= 1, (moved, seen)
 
 
+def test_rows_that_never_start_early_ignore_the_lead_rule_and_row0_first(model):
+    """With context = width a row starts only once the row above is complete: no scaffold ever leads
+    and row 0 is first anyway, so row_lead and row0_first change no token (Table 1's pjd c = width
+    row is reused across the issue-21 change on this ground)."""
+    ids = prompts(2, seed=5)
+    kw = dict(method="pjd", height=4, width=5, context=5, top_k=6, seed=7)
+    base = run(model, ids, row_lead="above", row0_first=False, **kw)
+    for lead in ("row_end", "two_above"):
+        for first in (True, False):
+            out = run(model, ids, row_lead=lead, row0_first=first, **kw)
+            assert torch.equal(out.tokens, base.tokens) and torch.equal(out.steps_per_image, base.steps_per_image)
+    early = run(model, ids, **{**kw, "context": 1})  # the rule does matter once rows start early
+    assert not torch.equal(early.tokens, run(model, ids, row_lead="above", row0_first=False, **{**kw, "context": 1}).tokens)
+
+
 @pytest.mark.parametrize("extra", [dict(coupled_draws=True), dict(continuation=True),
                                    dict(coupled_draws=True, continuation=True)])
 def test_coupled_draws_and_continuation_greedy_equal_ar(model, extra):

@@ -46,11 +46,14 @@ def test_measures_over_chunks_equal_one_pass(tmp_path, batch_size):
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["fid"] == report["fid"]
 
 
-def test_npz_without_manifest_gives_fid_only(tmp_path):
+def test_npz_without_manifest_gives_fid_only(tmp_path, capsys):
     images, _ = _write_run(tmp_path / "run")
     (tmp_path / "run" / "manifest.json").unlink()
     report = run_eval(tmp_path / "run" / "samples.npz", measures=_toy_measures(), write=False)
     assert "class_accuracy" not in report and report["images"] == images.shape[0]
+    printed = capsys.readouterr().out
+    assert "no class accuracy (no manifest.json" in printed and "class accuracy -" not in printed
+    assert "FID is biased upward at small N" in printed and "N = 11" in printed
 
 
 def test_pngs_are_read_when_there_is_no_npz(tmp_path):
@@ -109,8 +112,12 @@ def test_default_measures_are_the_quality_api(tmp_path):
     for batch_size in (1, 5):
         report = run_eval(tmp_path / "run", batch_size=batch_size, bootstrap=0, write=False)
         assert (report["fid"], report["class_accuracy"]) == (fid, accuracy), batch_size
+    from pjd.fashion.idx import CLASS_NAMES
+
+    assert list(report["per_class_accuracy"]) == list(CLASS_NAMES)  # by name: the 12 images cover all 10 classes
 
 
+@pytest.mark.slow
 def test_eval_under_torchrun_matches_one_process(tmp_path):
     import os
     import subprocess

@@ -205,7 +205,7 @@ def test_table1_rows_on_a_fixture_model(trained_assets, tmp_path, compile_on_fir
     assert [row_name(m, kw) for m, kw in table1_rows(16)] == [
         "ar", "sjd", "sjd+coupled", "sjd+continuation", "sjd+coupled+continuation", "sjd++", "zipar",
         "pjd", "pjd", "pjd", "pjd"]
-    assert [kw["context"] for m, kw in table1_rows(16) if m == "pjd"] == [4, 2, 8, 16]  # default c first
+    assert [kw["context"] for m, kw in table1_rows(16) if m == "pjd"] == [2, 4, 8, 16]  # default c first
     dm = default(assets=trained_assets)
     rows = run_table1(dm, samples=20, batch=10, cfg_scale=2.0, seed=0, out=tmp_path, device="cpu",
                       methods=["ar", "zipar", "sjd+continuation"])

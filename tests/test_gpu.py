@@ -5,7 +5,8 @@ Skipped without CUDA (the interpreter suites and the dry-run gate cover the kern
 scripts/gpu_check.sh runs this file as its parity stage. Outputs the kernels allocate are
 pre-poisoned (NaN, or -7 for integers) so an element a kernel fails to write cannot pass as a
 stale zero. At the end the registers and spills of every variant compiled in this process are
-written to $PJD_GPU_REPORT (JSON) when set, and checked: no variant may spill.
+written to $PJD_GPU_REPORT (JSON, one file per pytest-xdist worker) when set, and checked: no
+variant may spill.
 """
 from __future__ import annotations
 
@@ -97,7 +98,7 @@ def test_draft_attention_long_cache_split_and_gqa(D, dtype):
 def _verify_cases():
     from test_speculative_verify import CASES
 
-    return [(name, i) for name in ("small", "tiles", "large") for i in range(len(CASES[name]))]
+    return [(name, i) for name in CASES for i in range(len(CASES[name]))]  # every group the interpreter runs
 
 
 @pytest.mark.parametrize("group,index", _verify_cases())
@@ -214,11 +215,22 @@ def compiled_variants() -> list[dict]:
     return rows
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _report_compiled_variants():
+    """At the end of the session: every variant this process compiled into $PJD_GPU_REPORT (one file
+    per pytest-xdist worker: <name>.<worker>.json), for scripts/gpu_check.sh's summary."""
+    yield
+    base = os.environ.get("PJD_GPU_REPORT")
+    if base:
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+        with open(f"{base.removesuffix('.json')}.{worker}.json", "w") as f:
+            json.dump(compiled_variants(), f, indent=1)
+
+
 def test_zz_compiled_variants_do_not_spill():
+    """Runs last in its process (file order): the variants this process compiled (all of them without
+    pytest-xdist; the summary of scripts/gpu_check.sh adds up every worker's)."""
     rows = compiled_variants()
-    if os.environ.get("PJD_GPU_REPORT"):
-        with open(os.environ["PJD_GPU_REPORT"], "w") as f:
-            json.dump(rows, f, indent=1)
     assert rows, "no kernel variant was compiled in this process"
     spilling = [r for r in rows if r["spills"]]
     assert not spilling, f"variants that spill on this GPU: {spilling}"

@@ -100,6 +100,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,kw", CASES)
 def test_samples_follow_exact_ar_distribution(model, method, kw):
     cfg_scale = kw.get("cfg_scale", 1.0)

@@ -60,6 +60,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_match_one_process(reference, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
@@ -106,6 +107,7 @@ def test_resume_after_lost_images_rewrites_only_those(reference, tmp_path):
     assert run_sample(_settings(), out, batch_size=4, progress=False)["mismatched_on_resume"] == 1
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(tmp_path):
     n, args = 40, ["-n", "40", "--batch-size", "2", *COMMON]
     full = tmp_path / "full"
@@ -147,6 +149,8 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     (["--method", "sjd", "--no-row-causal"], "row_causal"),
     (["--method", "sjd", "--reuse-threshold", "0.3"], "reuse_threshold"),
     (["--temperature", "0"], "temperature"),
+    (["--method", "sjd", "--row0-first", "on"], "row0_first"),
+    (["--method", "ar", "--row-lead", "above"], "row_lead"),
     (["--seed", "-1"], "seed"),
 ])
 def test_bad_arguments_are_refused(tmp_path, capsys, argv, match):
@@ -165,6 +169,9 @@ def test_directory_of_another_run_is_refused(reference, tmp_path):
         run_sample(_settings(num_images=2, seed=8), out, batch_size=2, progress=False)
     with pytest.raises(SampleError, match="num_images: 2 there, 3 now"):
         run_sample(_settings(num_images=3), out, batch_size=2, progress=False)
+    # The issue-21 rule is part of a run's identity: a directory of another rule is refused.
+    with pytest.raises(SampleError, match="row_lead: 'row_end' there, 'above' now"):
+        run_sample(_settings(num_images=2, row_lead="above", row0_first=False), out, batch_size=2, progress=False)
     stray = tmp_path / "stray"
     stray.mkdir()
     (stray / "notes.txt").write_text("mine")

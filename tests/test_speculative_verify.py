@@ -517,6 +517,7 @@ def _run_subprocess(*argv):
     return result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [*CASES, "rules"])
 def test_triton_interpreter_matches_reference(name):
     result = _run_subprocess("parity", name)
@@ -557,10 +558,12 @@ def test_verify_benchmark_cpu_rows():
     assert b["logits"] == 2 * 64 * 16384 * 2 and b["q_io"] == 2 * 56 * 16384 * 4
 
 
+@pytest.mark.slow
 def test_verify_benchmark_gate_under_interpreter():
     _run_subprocess("bench", "gate")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["pjd_cfg", "sjd_eol", "pjd_coupled_continuation"])
 def test_generate_with_triton_backend_matches_torch(name):
     result = _run_subprocess("generate", name)

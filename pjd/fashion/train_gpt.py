@@ -52,6 +52,9 @@ def parse_args(argv=None):
     p.add_argument("--tokens-cache", type=Path, default=Path("out/fashion_tokens.pt"),
                    help="where the tokenized splits are cached (rebuilt when the VQ weights change)")
     p.add_argument("--out", type=Path, default=ASSETS, help="assets folder: reads vq.safetensors, writes gpt.pt")
+    p.add_argument("--resume", type=Path, default=None,
+                   help="start from this gpt.pt (LlamaGen layout, same --dim/--layers/--heads), e.g. the shipped "
+                        "pjd/fashion/assets/gpt.pt; the optimizer and schedule start afresh")
     p.add_argument("--no-save", action="store_true")
     return p.parse_args(argv)
 
@@ -112,6 +115,12 @@ def main(argv=None) -> None:
     config = llamagen_config(arch, codebook_size=k, num_classes=NUM_CLASSES, grid_size=16)
     model = LlamaGenForCausalLM(config).train()
     torch.nn.init.zeros_(model.lm_head.weight)  # LlamaGen's initialisation of its output layer
+    if args.resume is not None:
+        from pjd.models.llamagen import load_llamagen
+
+        start_from = load_llamagen(args.resume, gpt_model=arch, image_size=32, downsample=2)
+        model.load_state_dict(start_from.state_dict())
+        print(f"resumed from {args.resume}: held-out NLL {heldout_nll(model, test_t, test_y):.4f}", flush=True)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
@@ -151,7 +160,8 @@ def main(argv=None) -> None:
                   eval_images=int(test_t.shape[0]), train_steps=steps, batch_size=args.batch_size,
                   images_seen=steps * args.batch_size, lr=args.lr, class_dropout=args.class_dropout,
                   train_seconds=round(train_seconds, 1), threads=args.threads,
-                  parameters=sum(p.numel() for p in model.parameters()))
+                  parameters=sum(p.numel() for p in model.parameters()),
+                  **({"resumed_from": str(args.resume)} if args.resume is not None else {}))
     print(report)
     if not args.no_save:
         torch.save({"model": {n: t.half() for n, t in llamagen_state_dict(model).items()}}, args.out / GPT_FILE)
