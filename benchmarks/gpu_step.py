@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from pjd.timing import capture_graph, replay_ms
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 ROWS = (1, 4, 8)  # active rows of the pjd configurations
@@ -263,36 +265,6 @@ def _poison(t: torch.Tensor) -> None:
     t.fill_(float("nan") if t.is_floating_point() else (True if t.dtype == torch.bool else -7))
 
 
-def capture(step, device):
-    """(graph, its static outputs): warm-up on a side stream, then capture (torch's recipe)."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
-    return graph, out
-
-
-def time_graph(graph, device, iters: int) -> list[float]:
-    """Milliseconds per replay: ``iters`` replays between two events, 5 times."""
-    graph.replay()
-    torch.cuda.synchronize(device)
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / iters)
-    return times
-
-
 def run_config(shape: Shape, weights: Weights, *, method: str, rows: int, fill: float, backend: str, iters: int,
                graphs: bool) -> dict:
     inputs_per_row = 1 if method == "ar" else INPUTS_PER_ROW
@@ -309,10 +281,10 @@ def run_config(shape: Shape, weights: Weights, *, method: str, rows: int, fill: 
             row["graph"] = "skipped: no CUDA" if device.type != "cuda" else "skipped"
         else:
             try:
-                graph, out = capture(step, device)
+                graph, out = capture_graph(step, device)
                 for t in out:
                     _poison(t)
-                replays = time_graph(graph, device, iters)
+                replays = replay_ms(graph, device, iters)
                 same = all(torch.equal(a, b) for a, b in zip(out, reference))
                 row.update(graph_ms=statistics.median(replays), graph_min_ms=min(replays),
                            graph="ok" if same else "MISMATCH: replayed outputs differ from the eager step's")

@@ -142,30 +142,44 @@ def graph_ms(fn: Callable[[], object], device: torch.device, replays: int = 20) 
     if device.type != "cuda":
         return None, "no CUDA"
     try:
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        graph.replay()
-        torch.cuda.synchronize(device)
-        times = []
-        for _ in range(5):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(replays):
-                graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / replays)
+        graph, _ = capture_graph(fn, device)
+        times = replay_ms(graph, device, replays)
         return statistics.median(times), "graph replay"
     except Exception as err:  # noqa: BLE001 -- a call that cannot be captured has no kernel-only time
         torch.cuda.synchronize(device)
         return None, f"not capturable: {type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
 
 
-__all__ = ["WarmUp", "time_ms", "graph_ms", "compiled_variants", "NOT_CONFIG"]
+def capture_graph(fn: Callable[[], object], device: torch.device):
+    """(graph, the static outputs of ``fn()``): three warm-up calls on a side stream, then one
+    capture (torch's recipe). Replaying the graph rewrites those outputs in place."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+def replay_ms(graph, device: torch.device, replays: int) -> list[float]:
+    """Milliseconds per replay of a captured ``graph``: one untimed replay, then 5 runs of
+    ``replays`` back-to-back replays between two CUDA events."""
+    graph.replay()
+    torch.cuda.synchronize(device)
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / replays)
+    return times
+
+
+__all__ = ["WarmUp", "time_ms", "graph_ms", "capture_graph", "replay_ms", "compiled_variants", "NOT_CONFIG"]
