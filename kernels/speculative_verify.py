@@ -88,11 +88,11 @@ class Tuning(NamedTuple):
 # threshold searches; the interpreter tests force small tiles), and warps only split the work.
 TUNINGS = {
     # Triton 3.6 (torch 2.11; no --regAllocOptLevel for ptxas). With 4 warps the target kernel spills
-    # 20 bytes on sm_90; every next-draft variant spills with some warps counts on sm_80 or sm_90
-    # (8-40 bytes at 40-80 registers, at BLOCK_V 512 as at 1024), so each has the count that compiles
-    # clean on both: continuation spills with 2, 4, 8 and 16 warps, not with 32.
+    # on sm_90; every next-draft variant spills with some warps counts on sm_80 or sm_90 (8-40 bytes at
+    # 40-80 registers, at BLOCK_V 512 as at 1024), so each has a count that compiles clean on both:
+    # continuation spills with 2, 4, 8 and 16 warps, not with 32.
     (3, 6): Tuning(tiles=(1024, 256), num_warps={
-        "target_probs": 8, "accept": 8, "next_drafts": 8, "next_drafts_coupled": 2,
+        "target_probs": 8, "accept": 8, "next_drafts": 8, "next_drafts_coupled": 4,
         "next_drafts_continuation": 32, "next_drafts_continuation_coupled": 4}),
     # Triton 3.9 (our pin). The accept kernel runs one program per lane over whole rows: 8 warps keep
     # more loads in flight (and, at BLOCK_V 1024, ptxas spills 8 bytes on sm_90 with 4). The
