@@ -1,4 +1,5 @@
-"""What every pjd kernel wrapper shares: the interpreter switch, dtype names, the device guard.
+"""What every pjd kernel wrapper shares: the interpreter switch, dtype names, the device guard, the
+choice of tuned configs by Triton version.
 
 ``INTERPRETING`` is read once, at import, exactly as ``@triton.jit`` reads ``TRITON_INTERPRET``:
 the kernels are either compiled for a GPU or run by Triton's numpy interpreter for the whole
@@ -9,12 +10,31 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 
 import torch
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def tuned_for(tables: dict, version: str) -> tuple[int, int]:
+    """The key of ``tables`` (tuned configs keyed by Triton ``(major, minor)``) that serves ``version``.
+
+    Tile sizes and warps are tuned per Triton release because its code generation and the ptxas
+    options it passes change the registers a config needs: a config that is spill-free under one
+    release can spill under another (docs/kernels.md, issue 19). A release with its own table gets
+    it; any other gets the table of the newest release not newer than it (3.7 and 3.8 get 3.6's,
+    3.10 gets 3.9's), and one older than every table the oldest (docs/decisions.md, issue 19).
+    Local and pre-release suffixes ("3.9.0+git1234", "3.10.0.dev0") count as their release.
+    """
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if match is None:
+        raise ValueError(f"cannot read a Triton version from {version!r}")
+    release = (int(match[1]), int(match[2]))
+    older = [key for key in tables if key <= release]
+    return max(older) if older else min(tables)
 
 
 def _numpy_refuses_size1_int() -> bool:

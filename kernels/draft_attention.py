@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import INTERPRETING, TRITON_DTYPE, device_guard
+from ._launch import INTERPRETING, TRITON_DTYPE, device_guard, tuned_for
 
 COMMITTED = tl.constexpr(-1)
 HIDDEN = tl.constexpr(-2)
@@ -242,25 +242,54 @@ class TileConfig:
     num_stages: int
 
 
+@dataclass(frozen=True)
+class TileTable:
+    """The tile configs of one Triton release, keyed by (padded head dim BLOCK_D, element size in bytes).
+
+    ``configs`` serves every head dim; ``ragged`` overrides it for head dims that are not a power of
+    two (D < BLOCK_D), whose per-element dim mask on every load costs registers.
+    """
+    configs: dict
+    ragged: dict
+
+
 MAX_HEAD_DIM = 256
-# Shipped tile configs, keyed by (padded head dim BLOCK_D, element size in bytes). BLOCK_D is the
-# head dim rounded up to a power of two, at least 16 (tl.dot's smallest K). Every config is compiled
+# Shipped tile configs per Triton release (kernels/_launch.py: tuned_for picks the table of the
+# installed Triton; docs/decisions.md, issue 19). BLOCK_D is the head dim rounded up to a power of
+# two, at least 16 (tl.dot's smallest K). Every config of the installed release's table is compiled
 # for sm_80 and sm_90 by the dry-run gate (benchmarks/kernel_report.py, tests/test_dryrun.py): no
-# spills, shared memory in budget. BLOCK_M = 64 rows covers the decode case (<= 8 rows x 8 inputs)
-# in one block per kv head; D = 256 takes smaller row blocks (a 64 x 256 fp32 accumulator spills).
-# (32, 4) has 3 stages: with 2, ptxas spills 28 bytes of its split variant on sm_80.
+# spills, shared memory in budget; the 3.6 table is checked by the same gate in a triton 3.6 environment
+# (scripts/device_stack_gate.sh). Tiles change the order of the online softmax's updates only: the
+# outputs stay within the dtype tolerances of the tests under either table.
+# BLOCK_M = 64 rows covers the decode case (<= 8 rows x 8 inputs) in one block per kv head; D = 256
+# takes smaller row blocks (a 64 x 256 fp32 accumulator spills). From BLOCK_D = 128 up, ragged head
+# dims take smaller tiles (the others stay spill-free as they are).
 _T = TileConfig
-CONFIGS = {
-    (16, 2): _T(64, 64, 4, 3), (32, 2): _T(64, 64, 4, 3), (64, 2): _T(64, 64, 4, 3),
-    (128, 2): _T(64, 64, 8, 3), (256, 2): _T(32, 32, 8, 2),
-    (16, 4): _T(32, 32, 4, 2), (32, 4): _T(32, 32, 4, 3), (64, 4): _T(32, 32, 4, 2),
-    (128, 4): _T(32, 32, 8, 2), (256, 4): _T(16, 16, 4, 2),
+TILE_TABLES = {
+    # Triton 3.6 (torch 2.10 / 2.11) passes ptxas no --regAllocOptLevel and needs smaller tiles or
+    # more warps than 3.9 for D = 256, fp32 D = 32 and 128, and ragged D from 65 up.
+    (3, 6): TileTable(
+        configs={
+            (16, 2): _T(64, 64, 4, 3), (32, 2): _T(64, 64, 4, 3), (64, 2): _T(64, 64, 4, 3),
+            (128, 2): _T(64, 64, 8, 3), (256, 2): _T(32, 32, 4, 2),
+            (16, 4): _T(32, 32, 4, 2), (32, 4): _T(32, 32, 8, 3), (64, 4): _T(32, 32, 4, 2),
+            (128, 4): _T(16, 32, 8, 2), (256, 4): _T(16, 16, 4, 2),
+        },
+        ragged={(128, 2): _T(32, 16, 8, 3), (256, 2): _T(16, 16, 8, 2), (256, 4): _T(16, 16, 8, 2)},
+    ),
+    # Triton 3.9 (our pin). fp32 (32, 4) has 3 stages: with 2, ptxas spills 28 bytes of its split
+    # variant on sm_80.
+    (3, 9): TileTable(
+        configs={
+            (16, 2): _T(64, 64, 4, 3), (32, 2): _T(64, 64, 4, 3), (64, 2): _T(64, 64, 4, 3),
+            (128, 2): _T(64, 64, 8, 3), (256, 2): _T(32, 32, 8, 2),
+            (16, 4): _T(32, 32, 4, 2), (32, 4): _T(32, 32, 4, 3), (64, 4): _T(32, 32, 4, 2),
+            (128, 4): _T(32, 32, 8, 2), (256, 4): _T(16, 16, 4, 2),
+        },
+        ragged={(128, 2): _T(32, 64, 8, 3), (256, 2): _T(32, 16, 8, 2), (256, 4): _T(16, 16, 8, 2)},
+    ),
 }
-# Head dims that are not a power of two (D < BLOCK_D) load with a per-element dim mask, which costs
-# registers: from BLOCK_D = 128 up these take smaller tiles (the others stay spill-free as they are).
-RAGGED_CONFIGS = {
-    (128, 2): _T(32, 64, 8, 3), (256, 2): _T(32, 16, 8, 2), (256, 4): _T(16, 16, 8, 2),
-}
+TILES = TILE_TABLES[tuned_for(TILE_TABLES, triton.__version__)]
 # Compile options of every launch: FP contraction on (the outputs are compared with a tolerance;
 # FMAs are faster and no less accurate). Said explicitly: Triton 3.10 changes the default.
 NUMERICS = {"enable_fp_fusion": True}
@@ -313,7 +342,7 @@ def tile_config(head_dim: int, dtype: torch.dtype) -> TileConfig:
     if reason is not None:
         raise ValueError(reason)
     key = (block_d(head_dim), torch.empty((), dtype=dtype).element_size())
-    return RAGGED_CONFIGS.get(key, CONFIGS[key]) if head_dim != key[0] else CONFIGS[key]
+    return TILES.ragged.get(key, TILES.configs[key]) if head_dim != key[0] else TILES.configs[key]
 
 
 def _rows_unit_stride(t: torch.Tensor) -> torch.Tensor:

@@ -56,11 +56,13 @@ moved per step.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import INTERPRETING, TRITON_DTYPE, device_guard
+from ._launch import INTERPRETING, TRITON_DTYPE, device_guard, tuned_for
 
 TOP = tl.constexpr(0)  # pjd.ops.speculative_verify.TOP
 INT32_MIN = tl.constexpr(-(2**31))
@@ -69,15 +71,36 @@ PROBES = 16  # keys evaluated per search pass: 4 bits of the 32-bit key range pe
 
 # Tiles. BLOCK_V: streaming passes over a row; BLOCK_S: search passes ([BLOCK_S, PROBES] compares,
 # fp64 mass for top-p); BLOCK_W >= W + 1 (drafts of one lane in one tile).
-GPU_TILES = (1024, 256)
 # The interpreter pays per operation, not per element: big tiles keep a 65k-token row to a few
 # iterations. Same code, same results (tests also force small tiles to cover the carries).
 INTERPRETER_TILES = (4096, 4096)
 BLOCK_WS = (16, 64)
-# Warps per kernel. The accept kernel runs one program per lane over whole rows: 8 warps keep more
-# loads in flight (and, at BLOCK_V 1024, ptxas spills 8 bytes on sm_90 with 4). The next-drafts kernel with
-# continuation (a residual draw and, coupled, the exponential race in one program) spills 8-16 bytes with 4.
-NUM_WARPS = {"target_probs": 4, "accept": 8, "next_drafts": 4, "next_drafts_continuation": 8}
+
+
+class Tuning(NamedTuple):
+    tiles: tuple  # (BLOCK_V, BLOCK_S) on a GPU
+    num_warps: dict  # per kernel
+
+
+# GPU tiles and warps per Triton release (kernels/_launch.py: tuned_for picks the table of the
+# installed Triton; docs/decisions.md, issue 19), each spill-free under its release's dry-run gate.
+# Neither changes a result: every tile size computes the same tokens (fp64 running sums, exact
+# threshold searches; the interpreter tests force small tiles), and warps only split the work.
+TUNINGS = {
+    # Triton 3.6 (torch 2.10 / 2.11; no --regAllocOptLevel for ptxas): with 4 warps the target and
+    # next-draft kernels spill on sm_90 (20 and 8 bytes).
+    (3, 6): Tuning(tiles=(1024, 256), num_warps={
+        "target_probs": 8, "accept": 8, "next_drafts": 8, "next_drafts_continuation": 8}),
+    # Triton 3.9 (our pin). The accept kernel runs one program per lane over whole rows: 8 warps keep
+    # more loads in flight (and, at BLOCK_V 1024, ptxas spills 8 bytes on sm_90 with 4). The
+    # next-drafts kernel with continuation (a residual draw and, coupled, the exponential race in one
+    # program) spills 8-16 bytes with 4. 8 warps for the target and plain next-draft kernels spill
+    # here (12 bytes on sm_80, 28 on sm_90).
+    (3, 9): Tuning(tiles=(1024, 256), num_warps={
+        "target_probs": 4, "accept": 8, "next_drafts": 4, "next_drafts_continuation": 8}),
+}
+GPU_TILES, NUM_WARPS = TUNINGS[tuned_for(TUNINGS, triton.__version__)]
+
 # Compile options of every launch: no FP contraction (module docstring, "Numerics").
 NUMERICS = {"enable_fp_fusion": False}
 

@@ -20,5 +20,6 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
 "$VENV/bin/python" -c "import torch, triton, transformers, numpy; print('torch', torch.__version__, '| triton', triton.__version__, '| transformers', transformers.__version__, '| numpy', numpy.__version__)"
+"$VENV/bin/python" -c "import triton; from pjd.kernels import draft_attention as d, _launch; print('tile configs: the triton %d.%d table' % _launch.tuned_for(d.TILE_TABLES, triton.__version__))"
 "$VENV/bin/python" benchmarks/kernel_report.py --summary
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_draft_attention.py tests/test_speculative_verify.py tests/test_dryrun.py
