@@ -11,8 +11,8 @@
 State lives on the model's device. Two step shapes (DESIGN.md §1.3):
 - dynamic (the CPU eager default): the packed input width N and the cache length follow the step;
   each step reads them back, one host read per step;
-- fixed (CUDA, and any compiled step): N is a bucket chosen up front (``DecodePlan.max_fed_lanes``
-  lanes of window + 1 inputs), attention runs over the whole preallocated cache with the
+- fixed (CUDA, and any compiled step): N is a bucket chosen up front (``DecodePlan.max_fed_inputs``,
+  the most inputs a step can feed), attention runs over the whole preallocated cache with the
   metadata hiding what is not there, every buffer is preallocated and updated in place, and the
   step number of the draws is a device tensor: a step reads nothing back. Completion, undefined
   targets and the progress bar are read together every few steps (``_Watch``).
@@ -234,7 +234,7 @@ class _Decoder:
         L, W = plan.num_lanes, max(plan.window, 1)  # ar/zipar store one (never fed) draft per lane
         self.L, self.W = L, W
         # Fixed shapes: every step packs this many inputs (padding sees nothing and writes nowhere).
-        self.N = plan.max_fed_lanes * (plan.window + 1)
+        self.N = plan.max_fed_inputs
         # Raster buffers: prompt then image slots. Image slots are shared by cond/uncond rows.
         self.dump = total  # a last column that absorbs writes that do not apply
         self.tokens = torch.zeros(self.Bx, total + 1, dtype=torch.long, device=device)
@@ -342,8 +342,9 @@ class _Decoder:
                 done, bad_image, bad_step, overflow, committed, left = watch.wait()
                 self._check_targets(bad_image, bad_step)
                 if overflow:
-                    raise RuntimeError(f"pjd internal error: a step fed more than the {plan.max_fed_lanes} "
-                                       "lanes of the fixed-shape bucket (DecodePlan.max_fed_lanes)")
+                    raise RuntimeError(f"pjd internal error: a step fed more than the {plan.max_fed_lanes} lanes or "
+                                       f"{self.N} inputs of the fixed-shape bucket (DecodePlan.max_fed_lanes, "
+                                       "max_fed_inputs)")
                 bar.update(committed - bar.n)
                 if done:
                     return
@@ -472,7 +473,7 @@ class _Decoder:
         off = self.cache_offset()
         if self.fixed:  # the bucket: no host read (an overflow is read with the flags, run_fixed)
             N, kv_len, fed_lanes = self.N, self.cache.size, self.plan.max_fed_lanes
-            self.overflow |= lanes.fed.sum(1).max() > fed_lanes
+            self.overflow |= (lanes.fed.sum(1).max() > fed_lanes) | (count.sum(1).max() > N)
         else:
             # The step's one host synchronisation: shapes (inputs, cache length, lanes fed) and whether
             # a previous step's target was undefined (checked here rather than by a sync of its own).

@@ -75,6 +75,21 @@ class DecodePlan:
         below = spare // 2 + 1 if spare >= 0 else 0
         return min(self.num_lanes, 2 + below)
 
+    @property
+    def max_fed_inputs(self) -> int:
+        """Most inputs one step can feed per sequence: N of the fixed-shape step.
+
+        Single lane: window + 1. Row lanes: at most ``max_fed_lanes x (window + 1)``, and at most
+        ``width + 2``, which is the tighter bound for the usual windows (18 against 64 on the default
+        16-wide grid with window 7): the top open row feeds ``1 + min(left, window) <= width + 1 -
+        n_top`` inputs (its last committed token or leading token, then its drafts); a fed row r
+        below it drafts only up to one column behind the row above, so it feeds at most ``n_{r-1} -
+        n_r`` inputs, and since a lower row never passes a higher one these sum over the rows below
+        to at most ``n_top``; a flushed row feeds one. The engine checks the bound on the device at
+        every step (an internal error if it ever fails)."""
+        lanes = self.max_fed_lanes * (self.window + 1)
+        return min(lanes, self.width + 2) if self.row_lanes else lanes
+
 
 def _positive_int(name, value):
     if isinstance(value, bool) or not isinstance(value, int):

@@ -44,6 +44,28 @@ def test_fixed_shapes_give_the_dynamic_tokens(model, cache, backend):
             assert torch.equal(torch.stack(fixed.accepted), torch.stack(dynamic.accepted)), (method, eol)
 
 
+@pytest.mark.parametrize("eol", [None, EOL])
+def test_the_bucket_bounds_every_step_and_is_reached(model, monkeypatch, eol):
+    """DecodePlan.max_fed_inputs (N of the fixed-shape step) bounds the inputs of every dynamic step, over
+    widths, contexts, windows and row orders, and is reached: the derivation is neither wrong nor loose."""
+    fed = collections.defaultdict(int)
+    forward = engine._Decoder.forward
+
+    def spy(self, step, logits=True):
+        if logits:
+            key = (self.plan.width, self.N)
+            fed[key] = max(fed[key], step.tokens.shape[1])
+        return forward(self, step, logits)
+
+    monkeypatch.setattr(engine._Decoder, "forward", spy)
+    for width, context, window, row0_first in ((5, 1, 7, False), (7, 2, 3, True), (9, 1, 2, False), (9, 3, 7, True)):
+        ids, kw = settings(height=6, width=width, method="pjd", context=context, window=window, row0_first=row0_first,
+                           eol_token_id=eol, top_k=2, seed=width)
+        pjd.generate(model, ids, fixed_shapes=False, **kw)
+    assert all(most <= bound for (_, bound), most in fed.items()), fed
+    assert any(most == bound == width + 2 for (width, bound), most in fed.items()), fed
+
+
 class HostReads(TorchDispatchMode):
     """Counts ops that read a tensor's value back to the host; ``Tensor.tolist`` (which dispatches
     nothing on a CPU tensor) is counted by a patch installed by the test."""
