@@ -248,6 +248,15 @@ def _mask(mask, ids):
     return torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
 
 
+def _above(x: torch.Tensor, first) -> torch.Tensor:
+    """``[B, L]``: each lane's value of ``x`` in the lane above (row r - 1), ``first`` for lane 0.
+    Booleans are shifted as integers: inductor (torch 2.13) generates C++ that does not compile for a
+    padded boolean computed from int64 values in its vectorised CPU kernels (batch 2, pjd)."""
+    if x.dtype == torch.bool:
+        return torch.nn.functional.pad(x[:, :-1].to(torch.uint8), (1, 0), value=int(first)).bool()
+    return torch.nn.functional.pad(x[:, :-1], (1, 0), value=first)
+
+
 class _Decoder:
     """The decode's state, preallocated on the model's device, and the step over it (``step``)."""
 
@@ -337,10 +346,14 @@ class _Decoder:
             if self.fixed:
                 if len(self.buckets) > 1:
                     self.next_inputs.copy_(self._count(self.schedule()).sum(1).max())
-                if compiled and self.compiled_step is None:  # compiled once per decoder (pjd.compiler keeps it)
+                if compiled:
+                    # The first step eager: it allocates the cache's K/V (first layer call) before the step
+                    # is compiled, and leaves the Python state the compiled step was traced with (the
+                    # append cache's tail without a prefill), so a kept step (pjd.compiler) serves as is.
                     self._pick_bucket()
-                    self.step()  # eager: allocates the cache's K/V (first layer call) before compiling
-                    self.compiled_step = compiler.compiled_step(self, compiled)
+                    self.step()
+                    if self.compiled_step is None:  # compiled once per decoder, which pjd.compiler keeps
+                        self.compiled_step = compiler.compiled_step(self, compiled)
                 self.run_fixed(self.compiled_step if compiled else self.step, bar)
             elif self.backend == "sdpa" and self.plan.method == "ar" and isinstance(self.cache, SlotCache):
                 self.run_ar(result, bar)
@@ -482,8 +495,8 @@ class _Decoder:
         top = (~done).long().argmax(1, keepdim=True)  # lanes complete in order: the first open one
         is_top = (self.lane_id == top) & ~done
         if plan.row_lanes:
-            above_n = torch.nn.functional.pad(n[:, :-1], (1, 0), value=BIG)
-            above_done = torch.nn.functional.pad(done[:, :-1], (1, 0), value=True)
+            above_n = _above(n, BIG)
+            above_done = _above(done, True)
             activated = above_n >= plan.context
             if plan.row0_first:
                 activated = activated & ((self.lane_id != 1) | above_done)
@@ -549,7 +562,7 @@ class _Decoder:
         ready = self.kv_ready.gather(1, raster[..., 0])
         if plan.row_lanes and plan.eol_token_id is None:
             # A fresh row leads with the last token of the row above: do not write it twice.
-            flush_above = torch.nn.functional.pad(lanes.flush[:, :-1], (1, 0), value=False)
+            flush_above = _above(lanes.flush, False)
             ready = ready | (flush_above & (self.n == 0))
         ready = ready[..., None]
         writes_committed = valid & lead & ~ready & ~scaffold
@@ -592,7 +605,7 @@ class _Decoder:
         plan = self.plan
         if not plan.row_lanes or plan.eol_token_id is not None:
             return None
-        above_open = torch.nn.functional.pad((self.n < self.lane_len)[:, :-1], (1, 0), value=False)
+        above_open = _above(self.n < self.lane_len, False)
         return lanes.fed & (self.n == 0) & above_open
 
     def _lead_token(self) -> torch.Tensor:
