@@ -267,7 +267,7 @@ class _Decoder:
         P tokens; ``reset`` fills it for a call (a compiled step keeps its decoder: pjd.compiler)."""
         self.adapter, self.plan, self.backend, self.fixed = adapter, plan, backend, fixed_shapes
         self.sampling = dict(top_k=top_k, top_p=top_p, temperature=temperature)
-        self.draft_init, self.cfg_scale = draft_init, cfg_scale
+        self.cfg_scale = cfg_scale
         device = self.device = adapter.device
         self.B, self.Bx, self.P = B, Bx, P
         total = P + plan.image_slots
@@ -307,6 +307,12 @@ class _Decoder:
         self.bad_step = torch.full((B,), -1, dtype=torch.long, device=device)
         self.overflow = torch.zeros((), dtype=torch.bool, device=device)  # a step fed more lanes than its bucket
         self.compiled_step = None  # the compiled step over these buffers (run(), pjd.compiler)
+        # The verification's settings, fixed for the decode (planned once, run every step with the
+        # lanes' tensors: FlashInfer's plan / run split).
+        self.verify_plan = dict(image_token_range=(plan.lo, plan.hi), cfg_scale=cfg_scale, top_k=top_k, top_p=top_p,
+                                temperature=temperature, reuse_threshold=plan.reuse_threshold, draft_init=draft_init,
+                                eol_token_id=plan.eol_token_id, row_slots=plan.row_slots, width=plan.width,
+                                continuation=plan.continuation, backend=backend, validate=False)
 
     def reset(self, prompt: torch.Tensor, mask: torch.Tensor, seed: int, image_index: torch.Tensor) -> None:
         """The state of a fresh decode, in place: ``prompt`` int ``[Bx, P]`` with its mask (bool), the
@@ -691,13 +697,7 @@ class _Decoder:
                     for x in lane]
         # Coupled draws: noise of the slots n .. n+W of the lanes verified, keyed by slot (pjd.rng).
         noise = self.draws.coupled(lane[3], W + 1) if plan.coupled_draws else None
-        verdict = speculative_verify(
-            logits, *lane,
-            image_token_range=(plan.lo, plan.hi), cfg_scale=self.cfg_scale, reuse_threshold=plan.reuse_threshold,
-            draft_init=self.draft_init, eol_token_id=plan.eol_token_id, row_slots=plan.row_slots,
-            width=plan.width, continuation=plan.continuation, coupled_noise=noise, backend=self.backend,
-            validate=False, **self.sampling,
-        )
+        verdict = speculative_verify(logits, *lane, coupled_noise=noise, **self.verify_plan)
         if not compact:
             return verdict
 
