@@ -8,7 +8,7 @@ Drives the public API (``pjd.generate``, ``pjd.ops``, the benchmarks' own inputs
 full-size configuration) over the matrix below inside ``pjd.kernels.dryrun.dry_run(arch)``: each
 launch goes through Triton's real JIT path (bind, specialise on the actual arguments, compile for
 that GPU) and is not launched; the wrappers return their references' outputs so decoding runs on
-real values. Registers and spills come from ptxas -v, shared memory from the compiled metadata.
+real values. Registers and local memory (spills) come from each cubin, shared memory from the compiled metadata.
 Fails (exit 1) on any spill, more than 255 registers, shared memory over the per-block limit, or a
 grid over CUDA's limits. Run without TRITON_INTERPRET. tests/test_dryrun.py runs the same matrix.
 

@@ -22,15 +22,14 @@ Inside the ``with`` block:
 - ``pjd.ops`` accept CPU tensors with ``backend="triton"``.
 
 Must run in a process WITHOUT ``TRITON_INTERPRET`` (the interpreter replaces the compiler).
-Registers and spills come from the ptxas bundled with Triton (``ptxas -v`` on each variant's PTX,
-with the options Triton compiled it with), shared memory from the compiled metadata.
+Registers and local memory (where spilled registers go) are read from the cubin Triton built -- by the
+``cuobjdump`` bundled with Triton, so no second ``ptxas`` run, and a variant loaded from Triton's cache
+is checked like a fresh one; shared memory comes from the compiled metadata.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib
-import os
 import re
 import subprocess
 import tempfile
@@ -61,16 +60,15 @@ class Variant:
     constexprs: dict  # specialised values (constexpr parameters and ints the JIT turned into constants)
     num_warps: int
     num_stages: int
-    fp_fusion: bool
     smem_bytes: int
     regs: int = 0
-    spill_bytes: int = 0
+    spill_bytes: int = 0  # local memory per thread (cubin_usage): non-zero when registers spill
     launches: int = 0
 
     def problems(self) -> list[str]:
         out = []
         if self.spill_bytes:
-            out.append(f"spills {self.spill_bytes} bytes")
+            out.append(f"spills: {self.spill_bytes} bytes of local memory")
         if not 0 < self.regs <= MAX_REGISTERS:
             out.append(f"{self.regs} registers")
         if self.smem_bytes > SMEM_LIMIT[self.arch]:
@@ -123,39 +121,28 @@ class _TargetDriver:
         return torch.device("cpu")
 
 
-@functools.cache
-def triton_ptxas_options() -> tuple[str, ...]:
-    """The register-allocation options the installed Triton passes to ptxas for every kernel.
+def cubin_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers, local memory bytes per thread) of the one kernel in ``cubin``.
 
-    Read from Triton's own ``make_cubin`` rather than keyed on its version: triton 3.9 adds
-    ``--regAllocOptLevel=2`` (a ptxas 13 workaround), 3.6 passes none -- and allocates registers
-    differently, so the gate must compile with exactly what the installed Triton runs.
+    Read by ``cuobjdump --dump-resource-usage`` (bundled with Triton 3.6 and 3.9) from the binary
+    Triton's own ``ptxas`` produced, with the options Triton compiled it with. Local memory is the
+    stack frame plus any ``.local`` data: a register spill stores into it, so a variant that spills
+    has non-zero local memory (``ptxas -v``'s "bytes spill stores" imply a frame). It is what Triton
+    reports as ``n_spills`` once the binary is loaded on a GPU (``CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES``;
+    tests/test_gpu.py checks that figure on the device).
     """
-    import inspect
+    from triton import knobs
 
-    from triton.backends.nvidia.compiler import CUDABackend
-
-    source = inspect.getsource(CUDABackend.make_cubin)
-    return tuple(option for option in ("--regAllocOptLevel=2",) if option in source)
-
-
-def ptxas_usage(ptx: str, arch: int, fp_fusion: bool) -> tuple[int, int]:
-    """(registers, spill bytes) of the kernel in ``ptx``, from the bundled ``ptxas -v`` with Triton's options."""
-    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
-
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "k.ptx")
-        with open(src, "w") as f:
-            f.write(ptx)
-        cmd = [get_ptxas(arch).path, "-v", *triton_ptxas_options(), *([] if fp_fusion else ["--fmad=false"]),
-               f"--gpu-name={sm_arch_from_capability(arch)}", src, "-o", os.path.join(tmp, "k.cubin")]
-        log = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    text = log.stdout + log.stderr
-    regs = re.search(r"Used (\d+) registers", text)
-    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
-    if regs is None or spills is None:
-        raise RuntimeError(f"could not parse ptxas -v output:\n{text}")
-    return int(regs.group(1)), int(spills.group(1)) + int(spills.group(2))
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", f.name],
+                              check=True, capture_output=True, text=True).stdout
+    usage = re.findall(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", text)
+    if len(usage) != 1:
+        raise RuntimeError(f"expected one kernel's resource usage from cuobjdump, got:\n{text}")
+    regs, stack, local = map(int, usage[0])
+    return regs, stack + local
 
 
 def _check_grid(kernel: str, grid) -> None:
@@ -198,9 +185,9 @@ def dry_run(arch: int):
             variant = Variant(
                 kernel=name, arch=arch, signature=signature,
                 constexprs={fn.arg_names[path[0]]: value for path, value in kernel.src.constants.items()},
-                num_warps=meta.num_warps, num_stages=meta.num_stages, fp_fusion=meta.enable_fp_fusion,
+                num_warps=meta.num_warps, num_stages=meta.num_stages,
                 smem_bytes=meta.shared)
-            variant.regs, variant.spill_bytes = ptxas_usage(kernel.asm["ptx"], arch, meta.enable_fp_fusion)
+            variant.regs, variant.spill_bytes = cubin_usage(kernel.asm["cubin"])
             record.variants[kernel.hash] = variant
         variant.launches += 1
         return kernel

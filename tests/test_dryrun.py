@@ -43,6 +43,35 @@ def test_matrix_compiles_without_spills(group, arch):
         assert compiled == KERNELS - {"_draft_attention_combine"}
 
 
+def test_a_spilling_variant_fails_the_gate():
+    """The gate reads registers and local memory from the cubin Triton built: a variant capped at 64
+    registers that needs about 190 (two chained 64 x 64 dots) must be reported with its spill, one
+    without the cap must pass."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _two_dots(x_ptr, y_ptr, N: tl.constexpr):
+        offs = tl.arange(0, N)
+        tile = offs[:, None] * N + offs[None, :]
+        a = tl.load(x_ptr + tile)
+        b = tl.dot(a, a)
+        tl.store(y_ptr + tile, tl.dot(b, a) + b)
+
+    x = torch.randn(64, 64)
+    with dry_run(80) as run:
+        _two_dots[(1,)](x, x, N=64)
+    run.check()
+    (free,) = run.variants.values()
+    assert 64 < free.regs <= 255 and free.spill_bytes == 0
+    with dry_run(80) as run:
+        _two_dots[(1,)](x, x, N=64, maxnreg=64)
+    (capped,) = run.variants.values()
+    assert capped.regs == 64 and capped.spill_bytes > 0
+    with pytest.raises(AssertionError, match=r"sm_80: _two_dots .*spills: \d+ bytes of local memory"):
+        run.check()
+
+
 def test_batch_one_and_window_one_specialise_and_compile():
     """On a GPU the JIT turns ints equal to 1 into constexprs; B = 1 and W = 1 must still compile."""
     model = kernel_report._model()

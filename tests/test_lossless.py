@@ -3,23 +3,27 @@ continuation, sample exactly the AR distribution.
 
 A tiny model with peaked, context-dependent distributions over 3 image tokens and a 2x3 grid has
 3**6 = 729 possible images; their exact AR probabilities come from one teacher-forced forward per
-image. 20,000 samples of each method are compared with them by a chi-square test.
+image. Each case's samples (5,000, or 20,000 where a smaller run would miss its mutation, and for
+the cheap ar cases) are compared with them by a chi-square test (fails at p <= 1e-3).
 
-Mutation check (run by hand when changing the verification): replace
-`extra_dist = torch.where(rejected, residual, p_j)` by `extra_dist = p_j` in
-pjd/ops/speculative_verify.py (plain sampling from p instead of the residual) and run
-`pytest tests/test_lossless.py -k "sjd-kw1 or pjd-kw5"`: both fail (p-values of 4e-268 and below
-were seen on a CPU machine).
-
-Coupled draws and continuation (issue 22) have their own mutations (each run once on a CPU machine):
-- coupled draws: sample the committed residual / bonus token with the slot's coupled noise too
-  (`extra_token = sample_coupled(extra_dist, _gather_slots(coupled_noise, j).squeeze(2)) + lo` when
-  `coupled_noise is not None`): the noise already drew the rejected draft, so the residual draw is
-  correlated with it. `-k "sjd-kw10"` fails with p = 1.8e-19.
-- continuation: keep a passing draft's old q instead of q := p_k (what SCD's maximal-coupling code
-  records: `next_q = torch.where((carried & kept)[..., None], old_q, next_q)` after next_q is
-  built): the kept draft is distributed as p_k, not as its old q. `-k "sjd-kw11 or sjd-kw12"` fail
-  with p = 5.4e-7 and 6.1e-5.
+Each case runs at the smallest sample size at which the mutation it guards still fails (p-values
+below are of this file's cases at seed 1234, CPU; checked 2026-12-04 at 1,000 / 2,000 / 5,000 /
+10,000 / 20,000 samples). Run them by hand when changing the verification
+(pjd/ops/speculative_verify.py):
+- the residual: replace `extra_dist = torch.where(rejected, residual, p_j)` by `extra_dist = p_j`
+  (plain sampling from p instead of the residual). At 5,000 samples every sjd / pjd case fails:
+  `sjd-kw1` p = 3e-55, `pjd-kw5` and `pjd-kw9` 2.8e-8 (the weakest), the others 5.9e-9 and below
+  (at 20,000: 4e-268 and below). At 2,000 `pjd-kw5` would pass (p = 0.07).
+- coupled draws (issue 22): sample the committed residual / bonus token with the slot's coupled
+  noise too (`extra_token = sample_coupled(extra_dist, _gather_slots(coupled_noise, j).squeeze(2)) +
+  lo` when `coupled_noise is not None`): the noise already drew the rejected draft, so the residual
+  draw is correlated with it. `sjd-kw10` fails with p = 1.5e-7 at 5,000 samples (1.8e-19 at
+  20,000; 0.005 at 2,000).
+- continuation (issue 22): keep a passing draft's old q instead of q := p_k (what SCD's
+  maximal-coupling code records: `next_q = torch.where((carried & kept)[..., None], old_q, next_q)`
+  after next_q is built): the kept draft is distributed as p_k, not as its old q. `sjd-kw11` and
+  `sjd-kw12` fail with p = 5.4e-7 and 6.1e-5 at 20,000 samples, and pass at 10,000 (p = 0.002 and
+  0.025): these two keep 20,000.
 """
 import itertools
 
@@ -33,7 +37,7 @@ from pjd.sampling import target_probs
 IMAGE = (0, 3)
 PROMPT_TOKEN, NULL_TOKEN, EOL = 3, 4, 5
 H, W = 2, 3
-SAMPLES = 20_000
+SAMPLES, MORE_SAMPLES = 5_000, 20_000  # per case: see the module docstring
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +84,7 @@ def chi_square_pvalue(samples, grids, expected_probs):
 
 
 CASES = [
-    ("ar", dict()),
+    ("ar", dict(), MORE_SAMPLES),
     ("sjd", dict()),
     ("sjd", dict(cfg_scale=2.5)),
     ("sjd", dict(eol_token_id=EOL)),
@@ -88,29 +92,31 @@ CASES = [
     ("pjd", dict(context=W, reuse_threshold=None, cfg_scale=2.5)),
     ("pjd", dict(context=W + 2, reuse_threshold=None, eol_token_id=EOL, window=2)),
     # The cases above run backend="auto" (the sdpa path on a CPU); the reference path once per method.
-    ("ar", dict(backend="torch")),
+    ("ar", dict(backend="torch"), MORE_SAMPLES),
     ("sjd", dict(cfg_scale=2.5, eol_token_id=EOL, backend="torch")),
     ("pjd", dict(context=W, reuse_threshold=None, cfg_scale=2.5, backend="torch")),
     # Coupled draws (SCD) and adaptive continuation (SJD-PAC), alone and together: see the mutation checks.
     ("sjd", dict(coupled_draws=True, cfg_scale=2.5, eol_token_id=EOL, top_k=2, window=2)),
-    ("sjd", dict(continuation=True, cfg_scale=2.5, eol_token_id=EOL, top_k=2)),
-    ("sjd", dict(coupled_draws=True, continuation=True, cfg_scale=2.5, eol_token_id=EOL, top_k=2, temperature=0.8)),
+    ("sjd", dict(continuation=True, cfg_scale=2.5, eol_token_id=EOL, top_k=2), MORE_SAMPLES),
+    ("sjd", dict(coupled_draws=True, continuation=True, cfg_scale=2.5, eol_token_id=EOL, top_k=2, temperature=0.8),
+     MORE_SAMPLES),
     ("pjd", dict(context=W, coupled_draws=True, continuation=True, cfg_scale=2.5, window=2)),
     ("sjd", dict(coupled_draws=True, continuation=True, cfg_scale=2.5, backend="torch")),
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,kw", CASES)
-def test_samples_follow_exact_ar_distribution(model, method, kw):
+@pytest.mark.parametrize("method,kw,samples", [case if len(case) == 3 else (*case, SAMPLES) for case in CASES],
+                         ids=[f"{case[0]}-kw{i}" for i, case in enumerate(CASES)])
+def test_samples_follow_exact_ar_distribution(model, method, kw, samples):
     cfg_scale = kw.get("cfg_scale", 1.0)
     exact, grids = exact_distribution(model, eol=kw.get("eol_token_id"), cfg_scale=cfg_scale,
                                       top_k=kw.get("top_k", 0), temperature=kw.get("temperature", 1.0))
     assert abs(float(exact.sum()) - 1.0) < 1e-5
     assert float(exact.max()) > 10 / len(grids)  # peaked: far from uniform
-    ids = torch.full((SAMPLES, 2), PROMPT_TOKEN)
+    ids = torch.full((samples, 2), PROMPT_TOKEN)
     if cfg_scale != 1.0:
-        kw = {**kw, "uncond_input_ids": torch.full((SAMPLES, 2), NULL_TOKEN)}
+        kw = {**kw, "uncond_input_ids": torch.full((samples, 2), NULL_TOKEN)}
     with torch.no_grad():
         out = pjd.generate(model, ids, height=H, width=W, method=method, image_token_range=IMAGE, seed=1234, **kw)
     pvalue, dof = chi_square_pvalue(out.tokens, grids, exact)
