@@ -155,11 +155,13 @@ def generate(model, input_ids, *, height, width, method="pjd", window=None, cont
             on a CPU eager (faster there: no padding to compute; docs/performance.md). Same tokens.
         compile: False (default, eager) | True | "auto": the step (schedule, pack, forward,
             verification, commit) compiled whole with fixed shapes: on CUDA captured once as a CUDA
-            graph and replayed, on a CPU through torch.compile (inductor). Paid once per model and
-            shape (cached across calls; ``GenerationResult.compile_seconds``, apart from the wall
-            time); tokens equal eager's. True raises where it cannot run; "auto" compiles on CUDA and,
-            on a CPU, ar / sjd / sjd++ (pjd and zipar measured slower there once padded to a fixed
-            shape: docs/performance.md), and runs eager elsewhere with a one-time warning saying why.
+            graph and replayed, on a CPU through torch.compile (inductor; pjd and zipar there get a
+            second, one-lane input bucket, i.e. two compiles). Paid once per model, weights and
+            settings: the compiled step and its buffers are kept for the next such call (at most
+            ``pjd.compiler.KEEP`` per model, freed with the model or by ``pjd.compiler.clear()``);
+            ``GenerationResult.compile_seconds`` reports it apart from the wall time. Tokens equal
+            eager's. True raises where it cannot run; "auto" compiles wherever it can and otherwise
+            runs eager with a one-time warning saying why.
 
     Every argument is checked before any decoding work (TypeError / ValueError naming it); the call
     runs under ``torch.no_grad()``. A model emitting NaN / +inf logits, or -inf for every image
@@ -183,7 +185,7 @@ def generate(model, input_ids, *, height, width, method="pjd", window=None, cont
     # Fail before any work if the backend cannot run here; auto leaves the kernels for shapes they cannot serve.
     backend = resolve_backend(backend, adapter.device, lambda: triton_unsupported(
         ("draft_attention", adapter.head_dim, adapter.dtype), ("speculative_verify", plan.window, adapter.dtype)))
-    compiled = compiler.mode(compile, adapter, backend, plan)
+    compiled = compiler.mode(compile, adapter, backend)
     if fixed_shapes is None:
         fixed_shapes = adapter.device.type == "cuda" or bool(compiled)
     elif not isinstance(fixed_shapes, bool):

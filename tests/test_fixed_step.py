@@ -261,13 +261,17 @@ def test_a_second_compiled_call_reuses_the_step_and_its_buffers(monkeypatch):
     assert ref() is None
 
 
-def test_compile_argument(model):
+def test_compile_argument(model, monkeypatch):
     from pjd import compiler
 
     compiler._warned.clear()
     ids, kw = settings(height=2, width=3, method="pjd")
-    with pytest.warns(RuntimeWarning, match="compile='auto' runs the step eagerly: on a CPU the compiled pjd"):
+    monkeypatch.setattr(compiler.shutil, "which", lambda name: None)
+    with pytest.warns(RuntimeWarning, match="compile='auto' runs the step eagerly: inductor needs a C.. compiler"):
         assert pjd.generate(model, ids, compile="auto", **kw).compiled == ""
+    with pytest.raises(ValueError, match="compile=True cannot run here: inductor needs a C.. compiler"):
+        pjd.generate(model, ids, compile=True, **kw)
+    monkeypatch.undo()
     ids, kw = settings(height=2, width=3, method="ar")
     with pytest.raises(ValueError, match="compile must be False, True or 'auto'"):
         pjd.generate(model, ids, compile="yes", **kw)
