@@ -15,6 +15,7 @@ step's code per shape for the process, so a new decoder with the same shapes com
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
 import threading
 import time
@@ -86,6 +87,7 @@ def _traced_step():
 
 
 KEEP = 4  # compiled decoders kept per model, the least recently used dropped first
+RECOMPILE_LIMIT = 256  # graphs of the step per process (dynamo's own default: 8 per function)
 _kept: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> OrderedDict(key -> decoder)
 _lock = threading.Lock()
 
@@ -150,7 +152,10 @@ def compiled_step(decoder, mode: str):
             # those that tell the cached graphs apart (the full check measured about 0.9 ms a step).
             checked = decoder.bucket in decoder.guards_checked
             graphs, t0 = counters["stats"]["unique_graphs"], time.perf_counter()
-            with torch.compiler.set_stance(skip_guard_eval_unsafe=checked):
+            # A call that may compile lifts dynamo's limit of 8 graphs per function (with fullgraph, the
+            # 9th settings of a process would raise): one graph per settings and bucket is the design.
+            limit = contextlib.nullcontext() if checked else torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT)
+            with limit, torch.compiler.set_stance(skip_guard_eval_unsafe=checked):
                 step(decoder)
             seconds = time.perf_counter() - t0
             if counters["stats"]["unique_graphs"] > graphs:

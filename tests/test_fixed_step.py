@@ -261,6 +261,23 @@ def test_a_second_compiled_call_reuses_the_step_and_its_buffers(monkeypatch):
     assert ref() is None
 
 
+def test_every_settings_of_a_process_compiles(model, monkeypatch):
+    """Dynamo keeps at most 8 graphs per function and, with fullgraph, raises at the 9th settings of a
+    process; the compiled step lifts that limit where it may compile (one graph per settings and
+    bucket is the design). The limit is set to 1 here: without the lift the second settings raise."""
+    import torch._dynamo.config
+
+    from pjd import compiler
+
+    monkeypatch.setattr(compiler, "BACKEND", "eager")
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    for width in (9, 10, 11):
+        ids, kw = settings(height=2, width=width, method="ar", seed=width)
+        out = pjd.generate(model, ids, compile=True, **kw)
+        assert out.compile_seconds > 0, width
+        assert torch.equal(out.tokens, pjd.generate(model, ids, fixed_shapes=True, **kw).tokens)
+
+
 def test_compile_argument(model, monkeypatch):
     from pjd import compiler
 
