@@ -270,10 +270,10 @@ def test_every_settings_of_a_process_compiles(model, monkeypatch):
     from pjd import compiler
 
     monkeypatch.setattr(compiler, "BACKEND", "eager")
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     for width in (9, 10, 11):
         ids, kw = settings(height=2, width=width, method="ar", seed=width)
-        out = pjd.generate(model, ids, compile=True, **kw)
+        with torch._dynamo.config.patch(recompile_limit=1):
+            out = pjd.generate(model, ids, compile=True, **kw)
         assert out.compile_seconds > 0, width
         assert torch.equal(out.tokens, pjd.generate(model, ids, fixed_shapes=True, **kw).tokens)
 
