@@ -44,12 +44,21 @@ class StepInputs:
 class SlotCache:
     def __init__(self, batch: int, num_positions: int, num_lanes: int, device: torch.device):
         self.num_scratch = num_lanes + 1
-        self.size = size = self.num_scratch + num_positions
-        self.pos = torch.full((batch, size), HIDDEN_POS, dtype=torch.int32, device=device)
-        self.pos[:, self.num_scratch:] = torch.arange(num_positions, dtype=torch.int32, device=device)
-        self.group = torch.full((batch, size), -2, dtype=torch.int32, device=device)
+        self.size = self.num_scratch + num_positions
+        self.pos = torch.empty((batch, self.size), dtype=torch.int32, device=device)
+        self.group = torch.empty((batch, self.size), dtype=torch.int32, device=device)
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        """Empty, in place (the tensors a compiled step reads stay the same)."""
+        self.pos.fill_(HIDDEN_POS)
+        self.pos[:, self.num_scratch:] = torch.arange(self.size - self.num_scratch, dtype=torch.int32,
+                                                      device=self.pos.device)
+        self.group.fill_(-2)
+        for t in (*self.k.values(), *self.v.values()):
+            t.zero_()
         self._step: StepInputs | None = None
 
     def begin(self, step: StepInputs) -> None:
@@ -83,15 +92,24 @@ class AppendCache:
 
     def __init__(self, batch: int, capacity: int, device: torch.device, staging: int | None = None):
         self.size = capacity
-        self.pos = torch.full((batch, capacity), HIDDEN_POS, dtype=torch.int32, device=device)
-        self.group = torch.full((batch, capacity), -2, dtype=torch.int32, device=device)
-        self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)
+        self.pos = torch.empty((batch, capacity), dtype=torch.int32, device=device)
+        self.group = torch.empty((batch, capacity), dtype=torch.int32, device=device)
+        self.lengths = torch.empty(batch, dtype=torch.int32, device=device)
         self.staging = staging
-        self.tail = 0  # where this step's entries go: the prefill's at 0, then see ``staging``
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
-        self._n = 0
         self._past_end = torch.arange(capacity, device=device)
+        self.reset()
+
+    def reset(self) -> None:
+        """Empty, in place (the tensors a compiled step reads stay the same)."""
+        self.pos.fill_(HIDDEN_POS)
+        self.group.fill_(-2)
+        self.lengths.zero_()
+        for t in (*self.k.values(), *self.v.values()):
+            t.zero_()
+        self.tail = 0  # where this step's entries go: the prefill's at 0, then see ``staging``
+        self._n = 0
 
     def begin(self, step: StepInputs) -> None:
         self._n = n = step.q_pos.shape[1]

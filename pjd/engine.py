@@ -155,11 +155,13 @@ def generate(model, input_ids, *, height, width, method="pjd", window=None, cont
             on a CPU eager (faster there: no padding to compute; docs/performance.md). Same tokens.
         compile: False (default, eager) | True | "auto": the step (schedule, pack, forward,
             verification, commit) compiled whole with fixed shapes: on CUDA captured once as a CUDA
-            graph and replayed, on a CPU through torch.compile (inductor). Paid once per model and
-            shape (cached across calls; ``GenerationResult.compile_seconds``, apart from the wall
-            time); tokens equal eager's. True raises where it cannot run; "auto" compiles on CUDA and,
-            on a CPU, ar / sjd / sjd++ (pjd and zipar measured slower there once padded to a fixed
-            shape: docs/performance.md), and runs eager elsewhere with a one-time warning saying why.
+            graph and replayed, on a CPU through torch.compile (inductor; pjd and zipar there get a
+            second, one-lane input bucket, i.e. two compiles). Paid once per model, weights and
+            settings: the compiled step and its buffers are kept for the next such call (at most
+            ``pjd.compiler.KEEP`` per model, freed with the model or by ``pjd.compiler.clear()``);
+            ``GenerationResult.compile_seconds`` reports it apart from the wall time. Tokens equal
+            eager's. True raises where it cannot run; "auto" compiles wherever it can and otherwise
+            runs eager with a one-time warning saying why.
 
     Every argument is checked before any decoding work (TypeError / ValueError naming it); the call
     runs under ``torch.no_grad()``. A model emitting NaN / +inf logits, or -inf for every image
@@ -183,7 +185,7 @@ def generate(model, input_ids, *, height, width, method="pjd", window=None, cont
     # Fail before any work if the backend cannot run here; auto leaves the kernels for shapes they cannot serve.
     backend = resolve_backend(backend, adapter.device, lambda: triton_unsupported(
         ("draft_attention", adapter.head_dim, adapter.dtype), ("speculative_verify", plan.window, adapter.dtype)))
-    compiled = compiler.mode(compile, adapter, backend, plan)
+    compiled = compiler.mode(compile, adapter, backend)
     if fixed_shapes is None:
         fixed_shapes = adapter.device.type == "cuda" or bool(compiled)
     elif not isinstance(fixed_shapes, bool):
@@ -197,10 +199,20 @@ def generate(model, input_ids, *, height, width, method="pjd", window=None, cont
         seed = int(torch.randint(0, 2**62, (), generator=generator))
     seed = 0 if seed is None else int(seed)  # checked by _checks.check_settings (pjd.rng.check_seed)
     with torch.no_grad():  # as transformers' generate: no autograd graph of the whole decode
-        decoder = _Decoder(adapter, plan, input_ids, attention_mask, uncond_input_ids, uncond_attention_mask,
-                           cfg_scale, dict(top_k=top_k, top_p=float(top_p), temperature=float(temperature)),
-                           draft_init, cache, backend, seed, image_index, fixed_shapes)
-        return decoder.run(progress, compiled)
+        prompt, mask = _prompts(input_ids, attention_mask, uncond_input_ids, uncond_attention_mask, cfg_scale)
+        settings = (plan, input_ids.shape[0], *prompt.shape, float(cfg_scale), int(top_k), float(top_p),
+                    float(temperature), draft_init, cache, backend, fixed_shapes, compiler.buckets(plan, compiled))
+        # A compiled step is kept with its decoder's buffers (what a CUDA graph records) for the next call.
+        key = compiler.key(adapter, compiled, settings) if compiled else None
+        decoder = compiler.checkout(model, key) if compiled else None
+        if decoder is None:
+            decoder = _Decoder(adapter, *settings)
+        decoder.adapter = adapter
+        decoder.reset(prompt, mask, seed, image_index)
+        result = decoder.run(progress, compiled)
+        if compiled:
+            compiler.checkin(model, key, decoder)
+        return result
 
 
 def _image_index(image_index, B: int, device) -> torch.Tensor:
@@ -217,76 +229,120 @@ def _image_index(image_index, B: int, device) -> torch.Tensor:
     return index.long().to(device)
 
 
+def _prompts(input_ids, attention_mask, uncond_input_ids, uncond_attention_mask, cfg_scale):
+    """(ids, mask) of every batch row: cond, then uncond with CFG (checked by pjd._checks)."""
+    mask = _mask(attention_mask, input_ids)
+    if cfg_scale == 1.0:
+        return input_ids.long(), mask
+    umask = _mask(uncond_attention_mask, uncond_input_ids)
+    P = max(input_ids.shape[1], uncond_input_ids.shape[1])  # left-pad both to one length
+
+    def pad(ids, m):
+        extra = P - ids.shape[1]
+        return (torch.nn.functional.pad(ids.long(), (extra, 0)),
+                torch.nn.functional.pad(m, (extra, 0), value=False))
+
+    (c, cm), (u, um) = pad(input_ids, mask), pad(uncond_input_ids, umask)
+    return torch.cat([c, u]), torch.cat([cm, um])
+
+
+def _mask(mask, ids):
+    return torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+
+
+def _above(x: torch.Tensor, first) -> torch.Tensor:
+    """``[B, L]``: each lane's value of ``x`` in the lane above (row r - 1), ``first`` for lane 0.
+    Booleans are shifted as integers: inductor (torch 2.13) generates C++ that does not compile for a
+    padded boolean computed from int64 values in its vectorised CPU kernels (batch 2, pjd)."""
+    if x.dtype == torch.bool:
+        return torch.nn.functional.pad(x[:, :-1].to(torch.uint8), (1, 0), value=int(first)).bool()
+    return torch.nn.functional.pad(x[:, :-1], (1, 0), value=first)
+
+
 class _Decoder:
     """The decode's state, preallocated on the model's device, and the step over it (``step``)."""
 
-    def __init__(self, adapter, plan: DecodePlan, input_ids, attention_mask, uncond_input_ids,
-                 uncond_attention_mask, cfg_scale, sampling, draft_init, cache, backend, seed, image_index,
-                 fixed_shapes=False):
-        self.adapter, self.plan, self.backend = adapter, plan, backend
-        self.sampling, self.draft_init, self.cfg_scale = sampling, draft_init, float(cfg_scale)
-        self.fixed = fixed_shapes
+    def __init__(self, adapter, plan: DecodePlan, B: int, Bx: int, P: int, cfg_scale: float, top_k: int,
+                 top_p: float, temperature: float, draft_init: str, cache: str, backend: str, fixed_shapes=False,
+                 buckets: tuple[int, ...] | None = None):
+        """Allocates the state of a decode of B images in Bx batch rows (2B with CFG) after prompts of
+        P tokens; ``reset`` fills it for a call (a compiled step keeps its decoder: pjd.compiler)."""
+        self.adapter, self.plan, self.backend, self.fixed = adapter, plan, backend, fixed_shapes
+        self.sampling = dict(top_k=top_k, top_p=top_p, temperature=temperature)
+        self.cfg_scale = cfg_scale
         device = self.device = adapter.device
-        prompt, mask = self._prompts(input_ids, attention_mask, uncond_input_ids, uncond_attention_mask)
-        self.B = input_ids.shape[0]
-        self.Bx, self.P = prompt.shape
-        total = self.P + plan.image_slots
+        self.B, self.Bx, self.P = B, Bx, P
+        total = P + plan.image_slots
         L, W = plan.num_lanes, max(plan.window, 1)  # ar/zipar store one (never fed) draft per lane
         self.L, self.W = L, W
-        # Fixed shapes: every step packs this many inputs (padding sees nothing and writes nowhere).
+        # Fixed shapes: a step packs at most N inputs (padding sees nothing and writes nowhere), as many
+        # as its bucket says (pjd.compiler.buckets: one, N, but for a compiled CPU step), picked by the host
+        # from the next step's inputs, which the step computes at its end.
         self.N = plan.max_fed_inputs
+        self.buckets = buckets or (self.N,)
+        self.bucket = self.buckets[-1]
+        self.next_inputs = torch.zeros((), dtype=torch.long, device=device)
         # Raster buffers: prompt then image slots. Image slots are shared by cond/uncond rows.
         self.dump = total  # a last column that absorbs writes that do not apply
-        self.tokens = torch.zeros(self.Bx, total + 1, dtype=torch.long, device=device)
-        self.tokens[:, :self.P] = prompt
-        if plan.eol_token_id is not None:
-            eol_slots = torch.arange(plan.width, plan.image_slots, plan.row_slots, device=device)
-            self.tokens[:, self.P + eol_slots] = plan.eol_token_id
-        self.real = torch.ones(self.Bx, total + 1, dtype=torch.bool, device=device)
-        self.real[:, :self.P] = mask
-        self.rope = (self.real.long().cumsum(1) - 1).clamp(min=0)  # position ids, as HF derives them
-        self.kv_ready = torch.zeros(self.B, total + 1, dtype=torch.bool, device=device)
+        self.tokens = torch.zeros(Bx, total + 1, dtype=torch.long, device=device)
+        self.real = torch.ones(Bx, total + 1, dtype=torch.bool, device=device)
+        self.rope = torch.zeros(Bx, total + 1, dtype=torch.long, device=device)  # position ids
+        self.kv_ready = torch.zeros(B, total + 1, dtype=torch.bool, device=device)
         self.lane_base = torch.tensor(plan.lane_base, device=device)
         self.lane_len = torch.tensor(plan.lane_len, device=device)
-        self.n = torch.zeros(self.B, L, dtype=torch.long, device=device)
-        self.draws = DrawStream(seed, image_index, L, W, (plan.lo, plan.hi))
-        self.draft_tokens = self.draws.step(0)[2]
-        self.draft_q = torch.nn.functional.one_hot(self.draft_tokens - plan.lo, plan.hi - plan.lo).float()
-        self.scaffold_token = torch.full((self.B, L), -1, dtype=torch.long, device=device)  # -1: not taken yet
+        self.n = torch.zeros(B, L, dtype=torch.long, device=device)
+        self.draws = DrawStream(0, torch.zeros(B, dtype=torch.long, device=device), L, W, (plan.lo, plan.hi))
+        self.draft_tokens = torch.zeros(B, L, W, dtype=torch.long, device=device)
+        self.draft_q = torch.zeros(B, L, W, plan.hi - plan.lo, device=device)
+        self.scaffold_token = torch.full((B, L), -1, dtype=torch.long, device=device)  # -1: not taken yet
         if cache == "slot":
-            self.cache = SlotCache(self.Bx, total, L, device)
+            self.cache = SlotCache(Bx, total, L, device)
         else:
-            self.cache = AppendCache(self.Bx, total + L * (W + 1), device, staging=self.N if self.fixed else None)
+            self.cache = AppendCache(Bx, total + L * (W + 1), device, staging=self.N if self.fixed else None)
         self.lane_id = torch.arange(L, device=device)
         self.t = torch.zeros((), dtype=torch.long, device=device)  # decoding steps run (draws of step t)
         # Every step commits a token in each unfinished image's top lane, and a lane is flushed once.
         self.max_steps = plan.image_slots + L
-        self.accepted_log = torch.zeros(self.max_steps + 1, self.B, dtype=torch.long, device=device)  # [step, image]
-        self.finished_at = torch.full((self.B,), -1, dtype=torch.long, device=device)  # step each image completed
+        self.accepted_log = torch.zeros(self.max_steps + 1, B, dtype=torch.long, device=device)  # [step, image]
+        self.finished_at = torch.full((B,), -1, dtype=torch.long, device=device)  # step each image completed
         # Per image, the first step whose target was undefined (-1: none); read at host reads.
-        self.bad_step = torch.full((self.B,), -1, dtype=torch.long, device=device)
+        self.bad_step = torch.full((B,), -1, dtype=torch.long, device=device)
         self.overflow = torch.zeros((), dtype=torch.bool, device=device)  # a step fed more lanes than its bucket
-        self.clock = _Clock(device)
+        self.compiled_step = None  # the compiled step over these buffers (run(), pjd.compiler)
+        # The verification's settings, fixed for the decode (planned once, run every step with the
+        # lanes' tensors: FlashInfer's plan / run split).
+        self.verify_plan = dict(image_token_range=(plan.lo, plan.hi), cfg_scale=cfg_scale, top_k=top_k, top_p=top_p,
+                                temperature=temperature, reuse_threshold=plan.reuse_threshold, draft_init=draft_init,
+                                eol_token_id=plan.eol_token_id, row_slots=plan.row_slots, width=plan.width,
+                                continuation=plan.continuation, backend=backend, validate=False)
 
-    def _prompts(self, input_ids, attention_mask, uncond_input_ids, uncond_attention_mask):
-        """(ids, mask) of every batch row: cond, then uncond with CFG (checked by pjd._checks)."""
-        mask = self._mask(attention_mask, input_ids)
-        if self.cfg_scale == 1.0:
-            return input_ids.long(), mask
-        umask = self._mask(uncond_attention_mask, uncond_input_ids)
-        P = max(input_ids.shape[1], uncond_input_ids.shape[1])  # left-pad both to one length
-
-        def pad(ids, m):
-            extra = P - ids.shape[1]
-            return (torch.nn.functional.pad(ids.long(), (extra, 0)),
-                    torch.nn.functional.pad(m, (extra, 0), value=False))
-
-        (c, cm), (u, um) = pad(input_ids, mask), pad(uncond_input_ids, umask)
-        return torch.cat([c, u]), torch.cat([cm, um])
-
-    @staticmethod
-    def _mask(mask, ids):
-        return torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+    def reset(self, prompt: torch.Tensor, mask: torch.Tensor, seed: int, image_index: torch.Tensor) -> None:
+        """The state of a fresh decode, in place: ``prompt`` int ``[Bx, P]`` with its mask (bool), the
+        draws of ``(seed, image_index)``."""
+        plan, P = self.plan, self.P
+        self.tokens.zero_()
+        self.tokens[:, :P] = prompt
+        if plan.eol_token_id is not None:
+            eol_slots = torch.arange(plan.width, plan.image_slots, plan.row_slots, device=self.device)
+            self.tokens[:, P + eol_slots] = plan.eol_token_id
+        self.real.fill_(True)
+        self.real[:, :P] = mask
+        self.rope.copy_((self.real.long().cumsum(1) - 1).clamp(min=0))  # as HF derives position ids
+        self.kv_ready.zero_()
+        self.n.zero_()
+        self.draws.reseed(seed, image_index)
+        self.draft_tokens.copy_(self.draws.step(0)[2])
+        self.draft_q.copy_(torch.nn.functional.one_hot(self.draft_tokens - plan.lo, plan.hi - plan.lo))
+        self.scaffold_token.fill_(-1)
+        self.cache.reset()
+        self.t.zero_()
+        self.accepted_log.zero_()
+        self.finished_at.fill_(-1)
+        self.bad_step.fill_(-1)
+        self.overflow.zero_()
+        self.clock = _Clock(self.device)
+        self.guards_checked: set[int] = set()  # buckets whose guards the compiled CPU step checked in full
+        self.compile_seconds = 0.0  # compiling / capturing in this call (pjd.compiler)
 
     # ------------------------------------------------------------------ the loop
     def run(self, progress: bool, compiled: str = "") -> GenerationResult:
@@ -296,11 +352,17 @@ class _Decoder:
         with self.adapter.decoding():
             self.prefill()
             if self.fixed:
-                step = self.step
+                if len(self.buckets) > 1:
+                    self.next_inputs.copy_(self._count(self.schedule()).sum(1).max())
                 if compiled:
-                    self.step()  # eager: allocates the cache's K/V (first layer call) before compiling
-                    step, result.compile_seconds = compiler.compiled_step(self, compiled)
-                self.run_fixed(step, bar)
+                    # The first step eager: it allocates the cache's K/V (first layer call) before the step
+                    # is compiled, and leaves the Python state the compiled step was traced with (the
+                    # append cache's tail without a prefill), so a kept step (pjd.compiler) serves as is.
+                    self._pick_bucket()
+                    self.step()
+                    if self.compiled_step is None:  # compiled once per decoder, which pjd.compiler keeps
+                        self.compiled_step = compiler.compiled_step(self, compiled)
+                self.run_fixed(self.compiled_step if compiled else self.step, bar)
             elif self.backend == "sdpa" and self.plan.method == "ar" and isinstance(self.cache, SlotCache):
                 self.run_ar(result, bar)
             else:
@@ -312,11 +374,12 @@ class _Decoder:
         plan = self.plan
         image = self.tokens[:self.B, self.P:self.dump].view(self.B, plan.height, plan.row_slots)[:, :, :plan.width]
         result.tokens = image.clone()
-        result.steps_per_image = self.finished_at
+        result.steps_per_image = self.finished_at.clone()  # the buffers may serve the next call
         result.steps = int(self.finished_at.max())
         if not result.accepted:
-            result.accepted = list(self.accepted_log[1:result.steps + 1].unbind(0))
+            result.accepted = list(self.accepted_log[1:result.steps + 1].clone().unbind(0))
         result.forward_seconds = self.clock.seconds()
+        result.compile_seconds = self.compile_seconds
         result.wall_seconds = time.perf_counter() - t0 - result.compile_seconds
         return result
 
@@ -330,6 +393,7 @@ class _Decoder:
         self.watch = watch = _Watch(self.device)
         t, due, pushed = 0, max(1, min(fewest, CHECK_EVERY)), None
         while True:
+            self._pick_bucket()
             step()
             t += 1
             if t > self.max_steps:
@@ -439,8 +503,8 @@ class _Decoder:
         top = (~done).long().argmax(1, keepdim=True)  # lanes complete in order: the first open one
         is_top = (self.lane_id == top) & ~done
         if plan.row_lanes:
-            above_n = torch.nn.functional.pad(n[:, :-1], (1, 0), value=BIG)
-            above_done = torch.nn.functional.pad(done[:, :-1], (1, 0), value=True)
+            above_n = _above(n, BIG)
+            above_done = _above(done, True)
             activated = above_n >= plan.context
             if plan.row0_first:
                 activated = activated & ((self.lane_id != 1) | above_done)
@@ -465,14 +529,14 @@ class _Decoder:
         """Lay out this step's inputs: per fed lane, top to bottom, its leading input then its drafts."""
         plan, B, L, W, P = self.plan, self.B, self.L, self.W, self.P
         k = torch.arange(W + 1, device=self.device)
-        count = torch.where(lanes.fed, 1 + lanes.drafts, 0)
+        count = self._count(lanes)
         start = count.cumsum(1) - count
         valid = lanes.fed[..., None] & (k <= lanes.drafts[..., None])          # [B, L, W+1]
         image_slot = (self.lane_base + self.n - 1)[..., None] + k              # -1: the last prompt token
         raster = P + image_slot
         off = self.cache_offset()
         if self.fixed:  # the bucket: no host read (an overflow is read with the flags, run_fixed)
-            N, kv_len, fed_lanes = self.N, self.cache.size, self.plan.max_fed_lanes
+            N, kv_len, fed_lanes = self.bucket, self.cache.size, self.plan.max_fed_lanes
             self.overflow |= (lanes.fed.sum(1).max() > fed_lanes) | (count.sum(1).max() > N)
         else:
             # The step's one host synchronisation: shapes (inputs, cache length, lanes fed) and whether
@@ -506,7 +570,7 @@ class _Decoder:
         ready = self.kv_ready.gather(1, raster[..., 0])
         if plan.row_lanes and plan.eol_token_id is None:
             # A fresh row leads with the last token of the row above: do not write it twice.
-            flush_above = torch.nn.functional.pad(lanes.flush[:, :-1], (1, 0), value=False)
+            flush_above = _above(lanes.flush, False)
             ready = ready | (flush_above & (self.n == 0))
         ready = ready[..., None]
         writes_committed = valid & lead & ~ready & ~scaffold
@@ -549,7 +613,7 @@ class _Decoder:
         plan = self.plan
         if not plan.row_lanes or plan.eol_token_id is not None:
             return None
-        above_open = torch.nn.functional.pad((self.n < self.lane_len)[:, :-1], (1, 0), value=False)
+        above_open = _above(self.n < self.lane_len, False)
         return lanes.fed & (self.n == 0) & above_open
 
     def _lead_token(self) -> torch.Tensor:
@@ -588,7 +652,22 @@ class _Decoder:
             logits = self.forward(packed)
         self.t += 1
         self.commit(self.verify(logits, lanes, packed, self.draws.step(self.t)), packed)
+        if len(self.buckets) > 1:  # what the host reads to pick the next step's bucket (_pick_bucket)
+            self.next_inputs.copy_(self._count(self.schedule()).sum(1).max())
         return True
+
+    @staticmethod
+    def _count(lanes: Lanes) -> torch.Tensor:
+        """int64 [B, L]: inputs each lane is fed (its last committed or leading token, then its drafts)."""
+        return torch.where(lanes.fed, 1 + lanes.drafts, 0)
+
+    def _pick_bucket(self) -> None:
+        """With several buckets (a compiled CPU step): the smallest that holds the next step's inputs,
+        a host read of a value the previous step computed (a memory load on a CPU, no synchronisation).
+        A step's overflow check (``status``) catches a bucket too small."""
+        if len(self.buckets) > 1:
+            need = int(self.next_inputs)
+            self.bucket = next((b for b in self.buckets if b >= need), self.buckets[-1])
 
     def _first_undefined(self) -> torch.Tensor:
         """int64 [2]: (image, step) of the first image whose target was undefined; (-1, -1) if none."""
@@ -620,13 +699,7 @@ class _Decoder:
                     for x in lane]
         # Coupled draws: noise of the slots n .. n+W of the lanes verified, keyed by slot (pjd.rng).
         noise = self.draws.coupled(lane[3], W + 1) if plan.coupled_draws else None
-        verdict = speculative_verify(
-            logits, *lane,
-            image_token_range=(plan.lo, plan.hi), cfg_scale=self.cfg_scale, reuse_threshold=plan.reuse_threshold,
-            draft_init=self.draft_init, eol_token_id=plan.eol_token_id, row_slots=plan.row_slots,
-            width=plan.width, continuation=plan.continuation, coupled_noise=noise, backend=self.backend,
-            validate=False, **self.sampling,
-        )
+        verdict = speculative_verify(logits, *lane, coupled_noise=noise, **self.verify_plan)
         if not compact:
             return verdict
 

@@ -120,6 +120,13 @@ class DrawStream:
         self.keys = image_keys(seed, image_index)
         self.base = self.keys[:, None, None] + (counters + 1) * _i64(GAMMA)
 
+    def reseed(self, seed: int, image_index: torch.Tensor) -> None:
+        """Make this the stream of ``(seed, image_index)`` (same B), in place: a compiled step keeps
+        reading the same tensors (pjd.compiler)."""
+        fresh = DrawStream(seed, image_index, self.base.shape[1], self.W, (self.lo, self.hi))
+        self.keys.copy_(fresh.keys)
+        self.base.copy_(fresh.base)
+
     def step(self, t: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Draws of step ``t`` (an int, or an int64 0-d tensor on the stream's device: the fixed-shape
         step's counter, never read back): u_accept float32 ``[B, L, W]``, u_sample float32

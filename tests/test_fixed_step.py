@@ -11,6 +11,9 @@ from pjd import engine
 from pjd.models import tiny_llama
 
 IMAGE, PROMPT, EOL, VOCAB = (0, 24), (24, 30), 30, 32
+PLAN = dict(method="pjd", height=5, width=7, window=None, context=None, top_k=0, top_p=1.0, temperature=1.0,
+            cfg_scale=3.0, image_token_range=IMAGE, eol_token_id=None, draft_init="random", reuse_threshold="auto",
+            cache="slot", vocab_size=VOCAB, row_causal=True)
 # Ops that bring a tensor's value to the host (.item(), int(), bool(), data-dependent shapes).
 HOST_READS = {"_local_scalar_dense", "is_nonzero", "equal", "nonzero", "masked_select", "unique",
               "_unique2", "repeat_interleave"}
@@ -166,31 +169,126 @@ def test_every_tensor_fed_to_the_model_and_the_verification_keeps_its_shape(mode
 
 def test_compiled_step_is_one_graph_with_the_eager_tokens(model, monkeypatch):
     """compile=True on a CPU: the whole step traced by dynamo as ONE graph (fullgraph: a host read or
-    a graph break would raise), paid once (a second call with other draws compiles nothing), tokens
-    equal to the eager fixed-shape step's. Dynamo's "eager" backend stands in for inductor here (the
-    same trace; inductor's code generation takes minutes on this machine: docs/performance.md)."""
+    a graph break would raise), tokens equal to the eager fixed-shape step's. Dynamo's "eager" backend
+    stands in for inductor here (the same trace; inductor's code generation takes minutes on this
+    machine: docs/performance.md)."""
     from torch._dynamo.utils import counters
 
     from pjd import compiler
 
     monkeypatch.setattr(compiler, "BACKEND", "eager")
     graphs = counters["stats"]["unique_graphs"]
-    for seed, first in ((1, True), (2, False)):
-        ids, kw = settings(height=4, width=6, method="pjd", context=2, seed=seed)
-        out = pjd.generate(model, ids, compile=True, **kw)
-        eager = pjd.generate(model, ids, fixed_shapes=True, **kw)
-        assert out.compiled == "inductor" and (out.compile_seconds > 0) == first
-        assert torch.equal(out.tokens, eager.tokens) and out.steps == eager.steps
+    ids, kw = settings(height=4, width=6, method="pjd", context=2, seed=1)
+    out = pjd.generate(model, ids, compile=True, **kw)
+    eager = pjd.generate(model, ids, fixed_shapes=True, **kw)
+    assert out.compiled == "inductor" and out.compile_seconds > 0
+    assert torch.equal(out.tokens, eager.tokens) and out.steps == eager.steps
     assert counters["stats"]["unique_graphs"] == graphs + 1
 
 
-def test_compile_argument(model):
+def test_the_compiled_cpu_step_switches_buckets_with_the_eager_tokens(model, monkeypatch):
+    """The compiled CPU step of a row-parallel method has two input buckets (one lane's worth and
+    DecodePlan.max_fed_inputs), one graph each, picked per step: a decode that goes back and forth
+    between them gives eager's tokens; a bucket too small for a step would raise (the overflow check)."""
+    from torch._dynamo.utils import counters
+
+    from pjd import compiler
+
+    monkeypatch.setattr(compiler, "BACKEND", "eager")
+    picked = []
+    pick = engine._Decoder._pick_bucket
+
+    def spy(self):
+        pick(self)
+        picked.append(self.bucket)
+
+    monkeypatch.setattr(engine._Decoder, "_pick_bucket", spy)
+    graphs = counters["stats"]["unique_graphs"]
+    ids, kw = settings(height=5, width=7, method="pjd", context=1, window=2, seed=4)
+    out = pjd.generate(model, ids, compile=True, **kw)
+    eager = pjd.generate(model, ids, fixed_shapes=True, **kw)
+    assert torch.equal(out.tokens, eager.tokens) and out.steps == eager.steps
+    assert torch.equal(torch.stack(out.accepted), torch.stack(eager.accepted))
+    assert compiler.buckets(engine.make_plan(**{**PLAN, "width": 7, "context": 1, "window": 2}), "inductor") == (3, 9)
+    switches = sum(a != b for a, b in zip(picked, picked[1:]))
+    assert set(picked) == {3, 9} and switches >= 3, picked
+    assert counters["stats"]["unique_graphs"] == graphs + 2
+
+
+def test_a_second_compiled_call_reuses_the_step_and_its_buffers(monkeypatch):
+    """Compiled once per model and settings: a second call (other prompts, other seed) builds no decoder,
+    compiles nothing and gives eager's tokens; the kept decoder's buffers are reset in place (what a CUDA
+    graph needs, since it replays on the addresses it recorded); other settings or replaced weights get
+    their own; the kept steps do not keep the model alive."""
+    import gc
+    import weakref
+
+    from pjd import compiler
+
+    monkeypatch.setattr(compiler, "BACKEND", "eager")
+    net = tiny_llama(VOCAB, hidden_size=32, layers=1, heads=2, kv_heads=1, logit_scale=2.0, seed=2)
+    built = []
+    init = engine._Decoder.__init__
+
+    def counted(self, *args, **kwargs):
+        built.append(self)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(engine._Decoder, "__init__", counted)
+    grid = dict(height=4, width=6, method="pjd", context=2, cache="append")
+    for seed in (1, 2, 3):
+        ids, kw = settings(seed=seed, **grid)
+        ids = ids[:, :1] + seed % 3  # other prompts each call; one token: no prefill (the cache's tail)
+        out = pjd.generate(net, ids, compile=True, **kw)
+        eager = pjd.generate(net, ids, fixed_shapes=True, **kw)
+        assert torch.equal(out.tokens, eager.tokens) and out.steps == eager.steps, seed
+        assert torch.equal(torch.stack(out.accepted), torch.stack(eager.accepted))
+        assert (out.compile_seconds > 0) == (seed == 1)
+    assert len(built) == 1 + 3  # one compiled decoder, kept; one per eager call
+    first = built[0]
+    assert first.adapter is None  # kept without the model
+    ids, kw = settings(seed=1, **{**grid, "width": 5})
+    pjd.generate(net, ids, compile=True, **kw)  # other settings: a decoder of their own
+    assert len(built) == 5
+    with torch.no_grad():
+        net.lm_head.weight = torch.nn.Parameter(net.lm_head.weight.clone())  # replaced weights
+    pjd.generate(net, ids, compile=True, **kw)
+    assert len(built) == 6
+    ref = weakref.ref(net)
+    del net, out, eager
+    built.clear()
+    gc.collect()
+    assert ref() is None
+
+
+def test_every_settings_of_a_process_compiles(model, monkeypatch):
+    """Dynamo keeps at most 8 graphs per function and, with fullgraph, raises at the 9th settings of a
+    process; the compiled step lifts that limit where it may compile (one graph per settings and
+    bucket is the design). The limit is set to 1 here: without the lift the second settings raise."""
+    import torch._dynamo.config
+
+    from pjd import compiler
+
+    monkeypatch.setattr(compiler, "BACKEND", "eager")
+    for width in (9, 10, 11):
+        ids, kw = settings(height=2, width=width, method="ar", seed=width)
+        with torch._dynamo.config.patch(recompile_limit=1):
+            out = pjd.generate(model, ids, compile=True, **kw)
+        assert out.compile_seconds > 0, width
+        assert torch.equal(out.tokens, pjd.generate(model, ids, fixed_shapes=True, **kw).tokens)
+
+
+def test_compile_argument(model, monkeypatch):
     from pjd import compiler
 
     compiler._warned.clear()
     ids, kw = settings(height=2, width=3, method="pjd")
-    with pytest.warns(RuntimeWarning, match="compile='auto' runs the step eagerly: on a CPU the compiled pjd"):
+    monkeypatch.setattr(compiler.shutil, "which", lambda name: None)
+    with pytest.warns(RuntimeWarning, match="compile='auto' runs the step eagerly: inductor needs a C.. compiler"):
         assert pjd.generate(model, ids, compile="auto", **kw).compiled == ""
+    with pytest.raises(ValueError, match="compile=True cannot run here: inductor needs a C.. compiler"):
+        pjd.generate(model, ids, compile=True, **kw)
+    monkeypatch.undo()
     ids, kw = settings(height=2, width=3, method="ar")
     with pytest.raises(ValueError, match="compile must be False, True or 'auto'"):
         pjd.generate(model, ids, compile="yes", **kw)

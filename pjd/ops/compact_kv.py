@@ -95,6 +95,7 @@ def _no_kernel_image(index: int) -> str | None:
             "setup.py and rebuild, or use backend='torch'")
 
 
+@torch.compiler.assume_constant_result  # a compiled step (pjd.compiler) asks it once, at trace time
 def _native_unavailable(device: torch.device) -> str | None:
     """None if the native op runs on ``device``, else why not."""
     if device.type == "cuda" and not torch.cuda.is_available():
