@@ -54,7 +54,8 @@ class GenerationResult:
     ``forward_seconds`` (inside the model's forward passes) time this call, first-call costs included:
     time a second call (pjd.timing.WarmUp) for figures. ``method``: the method that produced it.
     ``compile_seconds``: compiling / capturing the step in this call (``generate(compile=...)``; 0 when
-    already compiled in this process), never counted in ``wall_seconds``; ``compiled``: "inductor",
+    an earlier call with the same model, weights and settings compiled it: pjd.compiler keeps it),
+    never counted in ``wall_seconds`` nor ``forward_seconds``; ``compiled``: "inductor",
     "cuda-graph" or "" (eager). With a compiled step ``forward_seconds`` times whole steps.
     """
 
