@@ -266,7 +266,7 @@ MAX_HEAD_DIM = 256
 # dims take smaller tiles (the others stay spill-free as they are).
 _T = TileConfig
 TILE_TABLES = {
-    # Triton 3.6 (torch 2.10 / 2.11) passes ptxas no --regAllocOptLevel and needs smaller tiles or
+    # Triton 3.6 (torch 2.11) passes ptxas no --regAllocOptLevel and needs smaller tiles or
     # more warps than 3.9 for D = 256, fp32 D = 32 and 128, and ragged D from 65 up.
     (3, 6): TileTable(
         configs={

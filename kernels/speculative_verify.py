@@ -79,7 +79,7 @@ BLOCK_WS = (16, 64)
 
 class Tuning(NamedTuple):
     tiles: tuple  # (BLOCK_V, BLOCK_S) on a GPU
-    num_warps: dict  # per kernel
+    num_warps: dict  # per kernel; the next-draft kernel per constexpr variant
 
 
 # GPU tiles and warps per Triton release (kernels/_launch.py: tuned_for picks the table of the
@@ -87,17 +87,21 @@ class Tuning(NamedTuple):
 # Neither changes a result: every tile size computes the same tokens (fp64 running sums, exact
 # threshold searches; the interpreter tests force small tiles), and warps only split the work.
 TUNINGS = {
-    # Triton 3.6 (torch 2.10 / 2.11; no --regAllocOptLevel for ptxas): with 4 warps the target and
-    # next-draft kernels spill on sm_90 (20 and 8 bytes).
+    # Triton 3.6 (torch 2.11; no --regAllocOptLevel for ptxas). With 4 warps the target kernel spills
+    # on sm_90; every next-draft variant spills with some warps counts on sm_80 or sm_90 (8-40 bytes at
+    # 40-80 registers, at BLOCK_V 512 as at 1024), so each has a count that compiles clean on both:
+    # continuation spills with 2, 4, 8 and 16 warps, not with 32.
     (3, 6): Tuning(tiles=(1024, 256), num_warps={
-        "target_probs": 8, "accept": 8, "next_drafts": 8, "next_drafts_continuation": 8}),
+        "target_probs": 8, "accept": 8, "next_drafts": 8, "next_drafts_coupled": 4,
+        "next_drafts_continuation": 32, "next_drafts_continuation_coupled": 4}),
     # Triton 3.9 (our pin). The accept kernel runs one program per lane over whole rows: 8 warps keep
     # more loads in flight (and, at BLOCK_V 1024, ptxas spills 8 bytes on sm_90 with 4). The
     # next-drafts kernel with continuation (a residual draw and, coupled, the exponential race in one
     # program) spills 8-16 bytes with 4. 8 warps for the target and plain next-draft kernels spill
     # here (12 bytes on sm_80, 28 on sm_90).
     (3, 9): Tuning(tiles=(1024, 256), num_warps={
-        "target_probs": 4, "accept": 8, "next_drafts": 4, "next_drafts_continuation": 8}),
+        "target_probs": 4, "accept": 8, "next_drafts": 4, "next_drafts_coupled": 4,
+        "next_drafts_continuation": 8, "next_drafts_continuation_coupled": 8}),
 }
 GPU_TILES, NUM_WARPS = TUNINGS[tuned_for(TUNINGS, triton.__version__)]
 
@@ -606,6 +610,7 @@ def speculative_verify_triton(
     eol = int(eol_token_id)
     row_slots = max(int(row_slots), 1)
 
+    next_drafts = "next_drafts" + "_continuation" * bool(continuation) + "_coupled" * (coupled_noise is not None)
     with device_guard(logits):
         _target_probs_kernel[(B * L, W + 1)](
             logits, lane_start, lane_drafts, p, total, last, row_bad,
@@ -629,7 +634,7 @@ def speculative_verify_triton(
             next_tokens, next_q,
             W, vocab, lo, eol, row_slots, int(width), float(reuse_threshold), int(draft_init == "repeat_left"),
             BLOCK_V=block_v, CONTINUATION=bool(continuation), COUPLED=coupled_noise is not None,
-            num_warps=NUM_WARPS["next_drafts_continuation" if continuation else "next_drafts"], **NUMERICS,
+            num_warps=NUM_WARPS[next_drafts], **NUMERICS,
         )
     return num_accepted, num_commit, commit_tokens, next_tokens, next_q, invalid.bool()
 

@@ -37,8 +37,10 @@ def test_triton_39_tables_are_the_configs_shipped_before_tables_per_release():
         (128, 4): T(32, 32, 8, 2), (256, 4): T(16, 16, 4, 2),
     }
     assert table.ragged == {(128, 2): T(32, 64, 8, 3), (256, 2): T(32, 16, 8, 2), (256, 4): T(16, 16, 8, 2)}
-    assert speculative_verify.TUNINGS[(3, 9)] == (
-        (1024, 256), {"target_probs": 4, "accept": 8, "next_drafts": 4, "next_drafts_continuation": 8})
+    # Shipped as one entry per CONTINUATION value; the coupled variants (COUPLED=True) had the same warps.
+    assert speculative_verify.TUNINGS[(3, 9)] == ((1024, 256), {
+        "target_probs": 4, "accept": 8, "next_drafts": 4, "next_drafts_coupled": 4,
+        "next_drafts_continuation": 8, "next_drafts_continuation_coupled": 8})
 
 
 def test_the_installed_triton_gets_its_table():
@@ -58,3 +60,35 @@ def test_tile_config_reads_the_selected_table_for_every_head_dim(release, monkey
             assert draft_attention.tile_config(head_dim, dtype) == (table.ragged if ragged else table.configs)[key]
     for config in (*table.configs.values(), *table.ragged.values()):  # tl.dot needs tiles of 16 and up
         assert config.block_m >= 16 and config.block_n >= 16 and config.num_warps in (1, 2, 4, 8, 16)
+
+
+class _Launches:
+    """Stands in for a Triton kernel: records the warps of each launch (nothing compiles or runs)."""
+
+    def __init__(self, name, calls):
+        self.name, self.calls = name, calls
+
+    def __getitem__(self, grid):
+        return lambda *args, num_warps, **kwargs: self.calls.append((self.name, num_warps))
+
+
+@pytest.mark.parametrize("continuation,coupled,key", [
+    (False, False, "next_drafts"), (False, True, "next_drafts_coupled"),
+    (True, False, "next_drafts_continuation"), (True, True, "next_drafts_continuation_coupled"),
+])
+def test_each_verification_launch_takes_its_own_warps(continuation, coupled, key, monkeypatch):
+    names = speculative_verify.TUNINGS[(3, 9)].num_warps
+    warps = {name: 2 ** i for i, name in enumerate(names)}  # a distinct count per entry
+    monkeypatch.setattr(speculative_verify, "NUM_WARPS", warps)
+    calls = []
+    for kernel in ("_target_probs_kernel", "_accept_kernel", "_next_drafts_kernel"):
+        monkeypatch.setattr(speculative_verify, kernel, _Launches(kernel, calls))
+    B, L, W, V = 1, 1, 3, 16
+    lanes = [torch.tensor([[v]], dtype=torch.int32) for v in (0, W, 0, 0, 8)]  # start, drafts, rule, slot, room
+    noise = torch.rand(B, L, W + 1, V) if coupled else None
+    speculative_verify.speculative_verify_triton(
+        torch.randn(B, W + 1, V), *lanes, torch.zeros(B, L, W, dtype=torch.long), torch.full((B, L, W, V), 1 / V),
+        torch.rand(B, L, W), torch.rand(B, L, W + 1), torch.zeros(B, L, W, dtype=torch.long),
+        1.0, (0, V), 1.0, 0, 1.0, -1.0, "random", -1, 8, 4, continuation=continuation, coupled_noise=noise)
+    assert calls == [("_target_probs_kernel", warps["target_probs"]), ("_accept_kernel", warps["accept"]),
+                     ("_next_drafts_kernel", warps[key])]
