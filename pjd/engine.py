@@ -12,7 +12,8 @@ State lives on the model's device. Two step shapes (DESIGN.md §1.3):
 - dynamic (the CPU eager default): the packed input width N and the cache length follow the step;
   each step reads them back, one host read per step;
 - fixed (CUDA, and any compiled step): N is a bucket chosen up front (``DecodePlan.max_fed_inputs``,
-  the most inputs a step can feed), attention runs over the whole preallocated cache with the
+  the most inputs a step can feed; the compiled CPU step of pjd / zipar also has a one-lane bucket,
+  picked per step: ``pjd.compiler.buckets``), attention runs over the whole preallocated cache with the
   metadata hiding what is not there, every buffer is preallocated and updated in place, and the
   step number of the draws is a device tensor: a step reads nothing back. Completion, undefined
   targets and the progress bar are read together every few steps (``_Watch``).
@@ -54,7 +55,8 @@ class GenerationResult:
     ``forward_seconds`` (inside the model's forward passes) time this call, first-call costs included:
     time a second call (pjd.timing.WarmUp) for figures. ``method``: the method that produced it.
     ``compile_seconds``: compiling / capturing the step in this call (``generate(compile=...)``; 0 when
-    already compiled in this process), never counted in ``wall_seconds``; ``compiled``: "inductor",
+    an earlier call with the same model, weights and settings compiled it: pjd.compiler keeps it),
+    never counted in ``wall_seconds`` nor ``forward_seconds``; ``compiled``: "inductor",
     "cuda-graph" or "" (eager). With a compiled step ``forward_seconds`` times whole steps.
     """
 
