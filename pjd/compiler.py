@@ -34,7 +34,7 @@ COMPILE = (False, True, "auto")
 def mode(compile, adapter, backend: str) -> str:
     """"" (eager), "inductor" or "cuda-graph" for ``generate(compile=...)``. True raises where the step
     cannot be compiled; "auto" compiles wherever it can (CUDA; a CPU with a C++ compiler: there the
-    compiled step measured 2.2x the eager one for pjd, 2.9x for ar, docs/performance.md) and
+    compiled step measured 2.1-2.3x the eager one for pjd, 2.2-2.7x for ar: docs/performance.md) and
     otherwise warns once per reason and runs eager."""
     if not isinstance(compile, (bool, str)) or compile not in COMPILE:
         raise ValueError(f"compile must be False, True or 'auto', got {compile!r}")
