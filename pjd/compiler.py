@@ -3,7 +3,8 @@
 The fixed-shape step (``pjd.engine._Decoder.step`` with ``fixed_shapes``) reads nothing back from the
 device and keeps every shape for the whole decode, so it is compiled whole (schedule, pack, model
 forward, verification, commit):
-- on a CPU through ``torch.compile`` (inductor, static shapes, one graph);
+- on a CPU through ``torch.compile`` (inductor, static shapes, C++ wrapper, one graph per input
+  bucket: ``buckets``);
 - on CUDA captured as a ``torch.cuda.CUDAGraph`` after one step on a side stream, then replayed.
   NOT RUN ON A GPU so far (no GPU was available to the sessions that wrote it).
 Paid once per model and settings: the decoder that was compiled (its buffers, which a CUDA graph
@@ -33,7 +34,7 @@ COMPILE = (False, True, "auto")
 def mode(compile, adapter, backend: str) -> str:
     """"" (eager), "inductor" or "cuda-graph" for ``generate(compile=...)``. True raises where the step
     cannot be compiled; "auto" compiles wherever it can (CUDA; a CPU with a C++ compiler: there the
-    compiled step measured 2.2x the eager one for pjd, 2.9x for ar, docs/performance.md) and
+    compiled step measured 2.1-2.3x the eager one for pjd, 2.2-2.7x for ar: docs/performance.md) and
     otherwise warns once per reason and runs eager."""
     if not isinstance(compile, (bool, str)) or compile not in COMPILE:
         raise ValueError(f"compile must be False, True or 'auto', got {compile!r}")
@@ -79,8 +80,8 @@ def _step(decoder) -> None:
 
 def _traced_step():
     if BACKEND not in _compiled:
-        # cpp_wrapper: the compiled step calls its kernels from generated C++, not from Python (about
-        # 100 kernels a step: measured 20% of the compiled pjd step on the default model).
+        # cpp_wrapper: the compiled step calls its kernels (about a hundred a step) from generated C++,
+        # not from Python: about a fifth of the compiled pjd step on the default model (docs/decisions.md).
         options = dict(cpp_wrapper=True) if BACKEND == "inductor" else None
         _compiled[BACKEND] = torch.compile(_step, backend=BACKEND, dynamic=False, fullgraph=True, options=options)
     return _compiled[BACKEND]
