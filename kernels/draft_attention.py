@@ -265,29 +265,27 @@ MAX_HEAD_DIM = 256
 # takes smaller row blocks (a 64 x 256 fp32 accumulator spills). From BLOCK_D = 128 up, ragged head
 # dims take smaller tiles (the others stay spill-free as they are).
 _T = TileConfig
+# Triton 3.9 (our pin). fp32 (32, 4) has 3 stages: with 2, ptxas spills 28 bytes of its split
+# variant on sm_80.
+_TILES_3_9 = TileTable(
+    configs={
+        (16, 2): _T(64, 64, 4, 3), (32, 2): _T(64, 64, 4, 3), (64, 2): _T(64, 64, 4, 3),
+        (128, 2): _T(64, 64, 8, 3), (256, 2): _T(32, 32, 8, 2),
+        (16, 4): _T(32, 32, 4, 2), (32, 4): _T(32, 32, 4, 3), (64, 4): _T(32, 32, 4, 2),
+        (128, 4): _T(32, 32, 8, 2), (256, 4): _T(16, 16, 4, 2),
+    },
+    ragged={(128, 2): _T(32, 64, 8, 3), (256, 2): _T(32, 16, 8, 2), (256, 4): _T(16, 16, 8, 2)},
+)
 TILE_TABLES = {
-    # Triton 3.6 (torch 2.11) passes ptxas no --regAllocOptLevel and needs smaller tiles or
-    # more warps than 3.9 for D = 256, fp32 D = 32 and 128, and ragged D from 65 up.
+    # Triton 3.6 (torch 2.11) passes ptxas no --regAllocOptLevel: 3.9's table spills there for
+    # fp16/bf16 D = 256, fp32 D = 32 and 128, and ragged fp16/bf16 D from 65 up. Those entries
+    # take smaller tiles or another warp count; the rest is 3.9's.
     (3, 6): TileTable(
-        configs={
-            (16, 2): _T(64, 64, 4, 3), (32, 2): _T(64, 64, 4, 3), (64, 2): _T(64, 64, 4, 3),
-            (128, 2): _T(64, 64, 8, 3), (256, 2): _T(32, 32, 4, 2),
-            (16, 4): _T(32, 32, 4, 2), (32, 4): _T(32, 32, 8, 3), (64, 4): _T(32, 32, 4, 2),
-            (128, 4): _T(16, 32, 8, 2), (256, 4): _T(16, 16, 4, 2),
-        },
-        ragged={(128, 2): _T(32, 16, 8, 3), (256, 2): _T(16, 16, 8, 2), (256, 4): _T(16, 16, 8, 2)},
+        configs={**_TILES_3_9.configs,
+                 (256, 2): _T(32, 32, 4, 2), (32, 4): _T(32, 32, 8, 3), (128, 4): _T(16, 32, 8, 2)},
+        ragged={**_TILES_3_9.ragged, (128, 2): _T(32, 16, 8, 3), (256, 2): _T(16, 16, 8, 2)},
     ),
-    # Triton 3.9 (our pin). fp32 (32, 4) has 3 stages: with 2, ptxas spills 28 bytes of its split
-    # variant on sm_80.
-    (3, 9): TileTable(
-        configs={
-            (16, 2): _T(64, 64, 4, 3), (32, 2): _T(64, 64, 4, 3), (64, 2): _T(64, 64, 4, 3),
-            (128, 2): _T(64, 64, 8, 3), (256, 2): _T(32, 32, 8, 2),
-            (16, 4): _T(32, 32, 4, 2), (32, 4): _T(32, 32, 4, 3), (64, 4): _T(32, 32, 4, 2),
-            (128, 4): _T(32, 32, 8, 2), (256, 4): _T(16, 16, 4, 2),
-        },
-        ragged={(128, 2): _T(32, 64, 8, 3), (256, 2): _T(32, 16, 8, 2), (256, 4): _T(16, 16, 8, 2)},
-    ),
+    (3, 9): _TILES_3_9,
 }
 TILES = TILE_TABLES[tuned_for(TILE_TABLES, triton.__version__)]
 # Compile options of every launch: FP contraction on (the outputs are compared with a tolerance;
