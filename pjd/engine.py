@@ -354,8 +354,7 @@ class _Decoder:
         with self.adapter.decoding():
             self.prefill()
             if self.fixed:
-                if len(self.buckets) > 1:
-                    self.next_inputs.copy_(self._count(self.schedule()).sum(1).max())
+                self._count_next_inputs()
                 if compiled:
                     # The first step eager: it allocates the cache's K/V (first layer call) before the step
                     # is compiled, and leaves the Python state the compiled step was traced with (the
@@ -654,9 +653,14 @@ class _Decoder:
             logits = self.forward(packed)
         self.t += 1
         self.commit(self.verify(logits, lanes, packed, self.draws.step(self.t)), packed)
-        if len(self.buckets) > 1:  # what the host reads to pick the next step's bucket (_pick_bucket)
-            self.next_inputs.copy_(self._count(self.schedule()).sum(1).max())
+        self._count_next_inputs()
         return True
+
+    def _count_next_inputs(self) -> None:
+        """With several buckets: the most inputs an image feeds at the next step, what the host reads to
+        pick that step's bucket (``_pick_bucket``)."""
+        if len(self.buckets) > 1:
+            self.next_inputs.copy_(self._count(self.schedule()).sum(1).max())
 
     @staticmethod
     def _count(lanes: Lanes) -> torch.Tensor:
