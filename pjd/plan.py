@@ -19,10 +19,6 @@ DEFAULT_REUSE_THRESHOLD = 0.5  # reuse_threshold="auto" for pjd and sjd++
 # ar's FID and class accuracy down to c = 2 of 16 with row 0 first; zipar, one token per row and
 # step, loses quality below c = width / 4).
 DEFAULT_CONTEXT_FRACTION = {"pjd": 1 / 8, "zipar": 1 / 4}
-# Leading token of a fresh row whose row above is unfinished (no EOL; DESIGN.md §1.1), from the row
-# whose last committed token is copied: "row_end" the lowest complete row (a token that really ends a
-# row), "above" the row above (a mid-row token), "two_above" row r-2 (official ZipAR's copy).
-ROW_LEADS = ("row_end", "above", "two_above")
 
 
 @dataclass(frozen=True)
