@@ -12,7 +12,7 @@ seeded by ``seed``). ``compiled=True`` is what their sample scripts' ``--compile
 CUDA graphs to add and compiles as inductor's default), their Python decode loop around it.
 
 **transformers' own ``model.generate``** (``hf_generate``) decoding the same images as pjd. The target
-distribution is pjd's (DESIGN.md §1): CFG combine -> image tokens only -> temperature -> top-k ->
+distribution is pjd's (docs/design.md §1): CFG combine -> image tokens only -> temperature -> top-k ->
 top-p, sampled; forced EOL slots hold the EOL token. Two ways to get CFG out of ``generate``:
 
 - ``"guidance"``: its own ``guidance_scale`` + ``negative_prompt_ids`` (an unbatched second

@@ -1,4 +1,4 @@
-"""KV caches for pjd decoding: two layouts with the same results (DESIGN.md §2).
+"""KV caches for pjd decoding: two layouts with the same results (docs/design.md §2).
 
 Both keep, per key, its raster position and its state (``k_group``: -1 committed, -2 hidden,
 g >= 0 draft of lane g), which is exactly what ``pjd.ops.draft_attention`` reads. A step is

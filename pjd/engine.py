@@ -8,7 +8,7 @@
         result = verify(logits)      pjd.ops.speculative_verify: accept, resample, next drafts
         commit(result)               tokens, cache states, lane frontiers
 
-State lives on the model's device. Two step shapes (DESIGN.md §1.3):
+State lives on the model's device. Two step shapes (docs/design.md §1.3):
 - dynamic (the CPU eager default): the packed input width N and the cache length follow the step;
   each step reads them back, one host read per step;
 - fixed (CUDA, and any compiled step): N is a bucket chosen up front (``DecodePlan.max_fed_inputs``,
@@ -497,7 +497,7 @@ class _Decoder:
         return self.cache.num_scratch if isinstance(self.cache, SlotCache) else 0
 
     def schedule(self) -> Lanes:
-        """Which lanes are fed this step and with how many drafts (DESIGN.md §1.1)."""
+        """Which lanes are fed this step and with how many drafts (docs/design.md §1.1)."""
         plan, n = self.plan, self.n
         left = self.lane_len - n
         done = left <= 0
@@ -559,7 +559,7 @@ class _Decoder:
         lead = k == 0
         if scaffold is not None:
             # Taken once, at the row's first step, then fixed: a leading token that moved with the
-            # row above would move the first draft's target every step (DESIGN.md §1.1).
+            # row above would move the first draft's target every step (docs/design.md §1.1).
             take = scaffold & (self.scaffold_token < 0)
             self.scaffold_token.copy_(torch.where(take, self._lead_token(), self.scaffold_token))
             tokens[..., 0] = torch.where(scaffold, self.scaffold_token, tokens[..., 0])
@@ -619,7 +619,7 @@ class _Decoder:
 
     def _lead_token(self) -> torch.Tensor:
         """[B, L]: each lane's scaffold token, the last committed token of the row plan.row_lead names
-        (DESIGN.md §1.1). Rows complete in order, so the lowest complete row is the top open one's
+        (docs/design.md §1.1). Rows complete in order, so the lowest complete row is the top open one's
         predecessor; where the named row does not exist (-1), the row above leads."""
         plan, lane = self.plan, self.lane_id
         if plan.row_lead == "row_end":

@@ -1,4 +1,4 @@
-"""Validated decoding settings and the lane geometry of each method (DESIGN.md §1).
+"""Validated decoding settings and the lane geometry of each method (docs/design.md §1).
 
 A *lane* is a run of image slots decoded left to right with its own draft window.
 - ar, sjd, sjd++: one lane over the whole raster (EOL slots inside it are forced);

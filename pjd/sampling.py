@@ -1,4 +1,4 @@
-"""The target distribution p of DESIGN.md §1 and the sampling rule every backend shares.
+"""The target distribution p of docs/design.md §1 and the sampling rule every backend shares.
 
 p at a slot: CFG combine -> restrict to image tokens -> temperature -> top-k -> top-p -> softmax.
 Filters use threshold semantics so that any implementation (sort-free kernels included) agrees:

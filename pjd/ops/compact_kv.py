@@ -1,4 +1,4 @@
-"""KV-cache compaction after rejections (append layout, DESIGN.md §2), all layers in one call.
+"""KV-cache compaction after rejections (append layout, docs/design.md §2), all layers in one call.
 
 Each step appends the K/V of its inputs at the tail of the cache; after verification the rejected
 entries are dropped and the kept ones moved together, per sample (ragged). Implementations:

@@ -1,6 +1,6 @@
 """Row-causal draft attention: the attention of one pjd decoding step.
 
-Visibility rule (DESIGN.md §3): key j is visible to query i iff
+Visibility rule (docs/design.md §3): key j is visible to query i iff
     k_group[j] != -2  and  k_pos[j] <= q_pos[i]  and  (k_group[j] == -1 or k_group[j] == q_group[i])
 Group -1 = committed, -2 = never visible (padding, empty slot, masked prompt), g >= 0 = draft of row g.
 """
