@@ -111,10 +111,9 @@ class Bench:
         """pjd.generate on the bench's prompts, after a warm-up call of this configuration."""
         cfg = self.cfg_scale if cfg_scale is None else cfg_scale
         with torch.no_grad():
-            r = self.warm.generate(self.model, self.prompt, height=self.height, width=self.width, method=method,
-                                   image_token_range=self.image_range, cfg_scale=cfg,
-                                   uncond_input_ids=self.null if cfg != 1 else None, seed=self.seed, **kw)
-        return r
+            return self.warm.generate(self.model, self.prompt, height=self.height, width=self.width, method=method,
+                                      image_token_range=self.image_range, cfg_scale=cfg,
+                                      uncond_input_ids=self.null if cfg != 1 else None, seed=self.seed, **kw)
 
     def generate_spec(self, name: str):
         """``generate`` of a speed-section method name (method_spec: ``pjd:window=3``)."""
@@ -238,11 +237,13 @@ def speed_section(bench: "Bench", methods: list[str], repeats: int, hf_modes: li
             # a compiled step is one dynamo frame: counting around it would change what runs
             ops = None if r.compiled else ops_outside_forward(bench.model, lambda: bench.generate(method, **options))
             if r.compiled:
+                # the same settings, eager (a pjd:window=3-compiled compares with pjd:window=3)
+                eager = {k: v for k, v in options.items() if k not in VARIANTS["compiled"]}
                 # compiled by the warm-up call (the identical call), never timed
                 compile_s = [e["compile_seconds"] for e in bench.warm.log
                              if e.get("method") == method and e.get("compile") and "compile_seconds" in e]
                 extra = dict(compile_s=compile_s[0] if compile_s else None, compiled=r.compiled,
-                             tokens_equal_to_eager=float((r.tokens == bench.generate(method).tokens).double().mean()))
+                             tokens_equal_to_eager=float((r.tokens == bench.generate(method, **eager).tokens).double().mean()))
         ar_steps = bench.height * bench.width  # image tokens; EOL-free grids only here (default / tiny)
         rows.append(dict(method=name, steps=steps, step_compression=ar_steps / steps,
                          per_image_compression=ar_steps / steps_per_image,
