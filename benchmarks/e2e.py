@@ -242,8 +242,9 @@ def speed_section(bench: "Bench", methods: list[str], repeats: int, hf_modes: li
                 # compiled by the warm-up call (the identical call), never timed
                 compile_s = [e["compile_seconds"] for e in bench.warm.log
                              if e.get("method") == method and e.get("compile") and "compile_seconds" in e]
+                same = (r.tokens == bench.generate(method, **eager).tokens).double().mean()
                 extra = dict(compile_s=compile_s[0] if compile_s else None, compiled=r.compiled,
-                             tokens_equal_to_eager=float((r.tokens == bench.generate(method, **eager).tokens).double().mean()))
+                             tokens_equal_to_eager=float(same))
         ar_steps = bench.height * bench.width  # image tokens; EOL-free grids only here (default / tiny)
         rows.append(dict(method=name, steps=steps, step_compression=ar_steps / steps,
                          per_image_compression=ar_steps / steps_per_image,
