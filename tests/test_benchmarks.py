@@ -344,3 +344,20 @@ def test_table1_rows_select_by_method_or_context_and_merge_a_previous_run():
                  class_accuracy=0.5, class_accuracy_ci=(0, 1), nll_per_token=1.0, nll_sem=0.1)
     text = _table1.markdown(merged, "CPU")
     assert "| sjd † |" in text and "| ar |" in text and text.count("† from run X") == 1
+
+
+def test_host_reads_counts_what_reads_a_value_back_and_nothing_else():
+    """benchmarks/host_reads.py's counter (tests/test_fixed_step.py's too): .item(), int(), bool() and
+    tolist count; device-side work does not."""
+    import collections
+
+    import host_reads
+
+    x, tolist_before = torch.arange(6.0), torch.Tensor.tolist
+    with host_reads.HostReads() as reads, host_reads.counting_tolist(collections.Counter()) as tolist:
+        y = (x * 2).cumsum(0)  # no read
+        x.sum().item(), int(x[1]), bool(x[2] > 0)
+        y.tolist()
+    assert reads.ops == {"_local_scalar_dense": 3}
+    assert tolist["tolist"] == 1
+    assert torch.Tensor.tolist is tolist_before  # restored

@@ -1,10 +1,11 @@
 """The fixed-shape step (issue 20): same tokens as the dynamic one, no host read inside the loop but
 the few flags read every CHECK_EVERY steps, and one shape per tensor for the whole decode."""
 import collections
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import pjd
 from pjd import engine
@@ -14,9 +15,8 @@ IMAGE, PROMPT, EOL, VOCAB = (0, 24), (24, 30), 30, 32
 PLAN = dict(method="pjd", height=5, width=7, window=None, context=None, top_k=0, top_p=1.0, temperature=1.0,
             cfg_scale=3.0, image_token_range=IMAGE, eol_token_id=None, draft_init="random", reuse_threshold="auto",
             cache="slot", vocab_size=VOCAB, row_causal=True)
-# Ops that bring a tensor's value to the host (.item(), int(), bool(), data-dependent shapes).
-HOST_READS = {"_local_scalar_dense", "is_nonzero", "equal", "nonzero", "masked_select", "unique",
-              "_unique2", "repeat_interleave"}
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from host_reads import HostReads  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -67,21 +67,6 @@ def test_the_bucket_bounds_every_step_and_is_reached(model, monkeypatch, eol):
         pjd.generate(model, ids, fixed_shapes=False, **kw)
     assert all(most <= bound for (_, bound), most in fed.items()), fed
     assert any(most == bound == width + 2 for (width, bound), most in fed.items()), fed
-
-
-class HostReads(TorchDispatchMode):
-    """Counts ops that read a tensor's value back to the host; ``Tensor.tolist`` (which dispatches
-    nothing on a CPU tensor) is counted by a patch installed by the test."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.__name__.split(".")[0]
-        if name in HOST_READS:
-            self.ops[name] += 1
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("cache", ["slot", "append"])
